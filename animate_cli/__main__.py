@@ -1,0 +1,3 @@
+from animate_cli.cli import main
+
+main()

@@ -1,0 +1,131 @@
+"""`animate IMAGE -o OUT`: the default command."""
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from animate_cli import options
+from animate_cli.console import out
+from animate_cli.errors import AnimateError
+from animate_cli.media import (
+    FITS,
+    FORMATS,
+    check_writable,
+    fit_image,
+    load_image,
+    output_format,
+    resolve_size,
+)
+from animate_cli.models import DEFAULT_MODEL
+
+
+def animate(
+    inputs: Annotated[list[Path], typer.Argument(help="Image to animate.", show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Output file (.mp4, .gif, .webp) or folder of PNG frames [IMAGE's name, .mp4].")] = None,
+    preset: options.Preset = "bf16",
+    model: options.Model = DEFAULT_MODEL,
+    frames: options.Frames = None,
+    steps: options.Steps = None,
+    fps: Annotated[int | None, typer.Option("--fps", min=1, help="Frames per second, of the file and of SVD's "
+                                            "conditioning [preset].")] = None,
+    motion: Annotated[int | None, typer.Option(
+        "--motion", min=1, max=255, help="SVD motion bucket id, 1..255: more is more motion [preset].")] = None,
+    noise_aug: Annotated[float | None, typer.Option(
+        "--noise-aug", min=0.0, help="Noise added to the conditioning image: more is more motion, "
+        "less likeness [preset].")] = None,
+    seed: options.Seed = None,
+    size: options.Size = None,
+    fit: Annotated[str, typer.Option("--fit", help=f"How the image meets --size: {', '.join(FITS)}.")] = "crop",
+    decode_chunk: Annotated[int | None, typer.Option(
+        "--decode-chunk", min=1, help="Frames per VAE decoder call: less uses less memory [preset].")] = None,
+    device: options.Device = "auto",
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help=f"{'|'.join(FORMATS)} [from the -o suffix].")] = None,
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100,
+                                         help="1..100: MP4 (x264 CRF = 0.51 x (100 - q)) and WebP quality.")] = 70,
+    json_path: options.JsonPath = None,
+    quiet: options.Quiet = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    sets: options.Settings = None,
+) -> None:
+    """Animate IMAGE into a short video: animate photo.jpg -o out.mp4"""
+    import torch
+
+    from animate_cli import report
+    from animate_cli.pipeline import generate
+    from animate_cli.runner import draw_seed, open_model, resolve_device, resolve_preset, settings_for
+    from animate_cli.timing import StageTimer
+
+    out.quiet = quiet
+    if len(inputs) != 1:
+        raise AnimateError("give one image (folders and several images are not supported yet)")
+    image_path = inputs[0]
+    if fit not in FITS:
+        raise AnimateError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
+    chosen = resolve_preset(preset, sets, frames=frames, steps=steps, fps=fps, motion=motion,
+                            noise_aug=noise_aug, decode_chunk=decode_chunk)
+    output = output if output is not None else Path(image_path.stem + ".mp4")
+    fmt = output_format(output, fmt)
+    check_writable(output, overwrite)
+    image = load_image(image_path)  # fail on a bad image before the model loads
+    torch_device = resolve_device(device)
+    seed = draw_seed() if seed is None else seed
+
+    timer = StageTimer(torch_device)
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    with timer.stage("load"):
+        loaded = open_model(model, chosen, torch_device, progress=not quiet)
+    if loaded.random_weights:
+        out.warn(f"{loaded.source} has {report.RANDOM_WEIGHTS_NOTE}")
+    with timer.stage("preprocess"):
+        width, height = resolve_size(size, image, loaded.native_size, loaded.size_multiple)
+        fitted = fit_image(image, (width, height), fit)
+    settings = settings_for(chosen, loaded, width, height)
+    out.info(f"{image_path} -> {output}: {settings.frames} frames at {width}x{height}, preset {chosen.name}, "
+             f"seed {seed}, {torch_device}")
+
+    with step_progress(settings.steps) as on_step:
+        frames_out = generate(loaded, [fitted], [seed], settings, timer, on_step=on_step)
+    with timer.stage("write"):
+        from animate_cli.media import write_video
+
+        write_video(frames_out[0], output, fmt, settings.fps, quality)
+
+    peak = report.peak_memory_gib(torch_device)
+    out.result(report.stage_table(timer, f"{output} ({fmt}, {settings.frames} frames, seed {seed})", peak))
+    if json_path is not None:
+        report.write_json(json_path, {
+            "input": str(image_path),
+            "output": str(output),
+            "format": fmt,
+            "seed": seed,
+            "model": loaded.source,
+            "random_weights": loaded.random_weights,
+            "note": report.RANDOM_WEIGHTS_NOTE if loaded.random_weights else None,
+            "preset": chosen.as_dict(),
+            "settings": vars(settings),
+            "device": str(torch_device),
+            "device_name": report.device_name(torch_device),
+            "peak_memory_gib": peak,
+            "timing": timer.as_dict(),
+            "step_times_s": timer.step_times,
+            "versions": report.versions(),
+        })
+
+
+@contextlib.contextmanager
+def step_progress(steps: int):
+    """A progress bar over the denoising steps on a terminal; nothing otherwise."""
+    if not out.interactive:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=out.stderr, transient=True) as progress:
+        task = progress.add_task("denoise", total=steps)
+        yield lambda i: progress.update(task, completed=i + 1)

@@ -1,0 +1,220 @@
+"""The sampling loop over diffusers' SVD components, as named stages that can each be timed:
+preprocess -> encode -> denoise -> decode (load and write live with the caller).
+
+Shapes: B videos, F frames, C=4 latent channels, h x w latent size (pixels / vae_scale).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from animate_cli.models import Model
+from animate_cli.sampling import SAMPLERS, SCHEDULES
+from animate_cli.timing import StageTimer, synchronize
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one run needs, resolved from the preset, the command line and the model."""
+
+    width: int
+    height: int
+    frames: int
+    steps: int
+    fps: int
+    motion: int
+    noise_aug: float
+    min_guidance: float
+    max_guidance: float
+    decode_chunk: int
+    sampler: str
+    schedule: str
+
+
+@dataclass
+class Conditioning:
+    """Computed once per video, reused at every step."""
+
+    image_embeds: torch.Tensor  # [B, 1, D] CLIP image embedding
+    image_latents: torch.Tensor  # [B, C, h, w] VAE latent of the (noise-augmented) image
+    added_time_ids: torch.Tensor  # [B, 3]: fps - 1, motion bucket, noise augmentation
+
+
+def make_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per video, as `torch.Generator(device).manual_seed(seed)` in diffusers."""
+    return [torch.Generator(device).manual_seed(s) for s in seeds]
+
+
+def randn(shape, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """Noise [B, *shape], video i drawn from generators[i] alone: a video's noise does not depend on its batch."""
+    return torch.cat([torch.randn((1, *shape), generator=g, device=device, dtype=dtype) for g in generators])
+
+
+# 1. Preprocess: PIL images (already at the output size) -> tensors
+def preprocess(model: Model, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels [B, 3, H, W] in [-1, 1] for the VAE, clip_pixels [B, 3, S, S] normalised for CLIP)."""
+    pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))) for im in images]).permute(0, 3, 1, 2)
+    pixels = pixels.to(model.device, torch.float32) / 255.0 * 2.0 - 1.0
+    fe = model.feature_extractor
+    side = fe.crop_size["height"]
+    # SVD's own CLIP preprocessing: antialiased resize in [-1, 1], then CLIP's mean/std.
+    clip = (resize_antialiased(pixels, (side, side)) + 1.0) / 2.0
+    mean = torch.tensor(fe.image_mean, device=clip.device).view(1, 3, 1, 1)
+    std = torch.tensor(fe.image_std, device=clip.device).view(1, 3, 1, 1)
+    return pixels, (clip - mean) / std
+
+
+def resize_antialiased(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The resize SVD was trained with (diffusers' helper, a port of the reference implementation)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # importing the pipeline module warns about torchvision, which we do not use
+    try:
+        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+            _resize_with_antialiasing,
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return _resize_with_antialiasing(x, size)
+
+
+# 2. Encode: CLIP image embedding and VAE latent of the conditioning image
+def encode(model: Model, pixels, clip_pixels, settings: Settings, generators) -> Conditioning:
+    dtype, device = model.dtype, model.device
+    image_embeds = model.image_encoder(clip_pixels.to(dtype)).image_embeds.unsqueeze(1)
+    noise = randn(pixels.shape[1:], generators, device, torch.float32)
+    augmented = pixels + settings.noise_aug * noise
+    image_latents = model.vae.encode(augmented.to(model.vae.dtype)).latent_dist.mode().to(dtype)
+    # SVD was conditioned on fps - 1
+    ids = torch.tensor([settings.fps - 1, settings.motion, settings.noise_aug], dtype=dtype, device=device)
+    return Conditioning(image_embeds, image_latents, ids.expand(len(generators), 3))
+
+
+def guidance_scales(settings: Settings, device) -> torch.Tensor:
+    """[1, F, 1, 1, 1]: SVD's scale rising linearly from the first frame to the last."""
+    scales = torch.linspace(settings.min_guidance, settings.max_guidance, settings.frames)
+    return scales.to(device).view(1, -1, 1, 1, 1)
+
+
+def uses_guidance(settings: Settings) -> bool:
+    return max(settings.min_guidance, settings.max_guidance) > 1.0
+
+
+def make_denoiser(model: Model, cond: Conditioning, settings: Settings, timer: StageTimer | None = None):
+    """The EDM denoiser D(x, sigma) -> x0 over SVD's v-prediction UNet, with classifier-free guidance
+    as one UNet call on a batch of two halves (unconditional: zero embedding and zero image latent)."""
+    frames, dtype = settings.frames, model.dtype
+    guided = uses_guidance(settings)
+    scales = guidance_scales(settings, model.device)
+    latents = cond.image_latents.unsqueeze(1).expand(-1, frames, -1, -1, -1)  # [B, F, C, h, w]
+    embeds, time_ids = cond.image_embeds, cond.added_time_ids
+    if guided:
+        latents = torch.cat([torch.zeros_like(latents), latents])
+        embeds = torch.cat([torch.zeros_like(embeds), embeds])
+        time_ids = torch.cat([time_ids, time_ids])
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        # EDM preconditioning for v-prediction (Karras et al. 2022, table 1; sigma_data = 1)
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        c_skip = 1 / (sigma**2 + 1)
+        c_out = -sigma / (sigma**2 + 1).sqrt()
+        c_noise = 0.25 * sigma.log()
+        x_in = (x * c_in).to(dtype)
+        if guided:
+            x_in = torch.cat([x_in, x_in])
+        v = model.unet(torch.cat([x_in, latents], dim=2), c_noise.to(model.device), encoder_hidden_states=embeds,
+                       added_time_ids=time_ids, return_dict=False)[0]
+        if timer is not None:
+            timer.unet_passes += 1
+        if guided:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + scales * (v_cond - v_uncond)
+        return v.float() * c_out + x * c_skip
+
+    return denoise
+
+
+# 3. Denoise: noise -> latents
+def denoise(model: Model, cond: Conditioning, settings: Settings, generators, timer: StageTimer | None = None,
+            on_step=None) -> torch.Tensor:
+    """Latents [B, F, C, h, w] in float32."""
+    config = model.scheduler_config
+    sigmas = SCHEDULES[settings.schedule](settings.steps, config["sigma_min"], config["sigma_max"])
+    sigmas = sigmas.to(model.device)
+    c = model.vae.config.latent_channels
+    shape = (settings.frames, c, settings.height // model.vae_scale, settings.width // model.vae_scale)
+    # Drawn in the model dtype, as diffusers does, so a seed gives the same noise in both.
+    noise = randn(shape, generators, model.device, model.dtype).float()
+    x = noise * init_noise_scale(config, sigmas[0].item())
+    model_fn = make_denoiser(model, cond, settings, timer)
+    clock = StepClock(timer, on_step)  # started here, so the first interval is the first step
+    return SAMPLERS[settings.sampler](model_fn, x, sigmas, callback=clock)
+
+
+def init_noise_scale(scheduler_config: dict, sigma_max: float) -> float:
+    """diffusers' Euler scheduler scales the first noise by sqrt(sigma_max^2 + 1) for 'leading' and
+    'linspace' spacing, and by sigma_max otherwise; matched so a seed gives the same video in both."""
+    if scheduler_config.get("timestep_spacing", "linspace") in ("linspace", "trailing"):
+        return sigma_max
+    return math.sqrt(sigma_max**2 + 1)
+
+
+class StepClock:
+    """Sampler callback: times each step (device synchronised) and reports progress."""
+
+    def __init__(self, timer: StageTimer | None, on_step):
+        self.timer, self.on_step = timer, on_step
+        self.last = self.now()
+
+    def now(self) -> float:
+        if self.timer is not None:
+            synchronize(self.timer.device)
+        return time.perf_counter()
+
+    def __call__(self, info: dict) -> None:
+        if self.timer is not None:
+            now = self.now()
+            self.timer.step_times.append(now - self.last)
+            self.last = now
+        if self.on_step is not None:
+            self.on_step(info["i"])
+
+
+# 4. Decode: latents -> frames
+def decode(model: Model, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+    """uint8 frames [B, F, H, W, 3], decoded `chunk` frames per VAE call."""
+    b, f = latents.shape[:2]
+    flat = (latents.flatten(0, 1) / model.vae.config.scaling_factor).to(model.vae.dtype)
+    pieces = []
+    for start in range(0, flat.shape[0], chunk):
+        piece = flat[start : start + chunk]
+        pieces.append(model.vae.decode(piece, num_frames=piece.shape[0]).sample)
+    frames = torch.cat(pieces).float()  # [B*F, 3, H, W] in [-1, 1]
+    frames = ((frames / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return frames.view(b, f, *frames.shape[1:]).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def generate(model: Model, images: list[Image.Image], seeds: list[int], settings: Settings,
+             timer: StageTimer, on_step=None) -> torch.Tensor:
+    """Images already at the output size -> uint8 frames [B, F, H, W, 3]."""
+    generators = make_generators(seeds, model.device)
+    with torch.inference_mode():
+        with timer.stage("preprocess"):
+            pixels, clip_pixels = preprocess(model, images)
+        with timer.stage("encode"):
+            cond = encode(model, pixels, clip_pixels, settings, generators)
+        with timer.stage("denoise"):
+            latents = denoise(model, cond, settings, generators, timer, on_step)
+        with timer.stage("decode"):
+            return decode(model, latents, settings.decode_chunk)
+

@@ -1,0 +1,65 @@
+"""Samplers over an EDM denoiser `model(x, sigma) -> x0 estimate`, and their sigma schedules.
+
+Each sampler: (model, x, sigmas, callback) -> x, with x starting as noise * sigmas[0] and sigmas ending in 0.
+`callback({"i": step, "sigma": sigma, "denoised": x0})` follows progress.
+"""
+
+import math
+
+import torch
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022 (EDM), eq. 5: SVD's stock spacing. Float64 math, as diffusers does it."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def log_sigma_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Steps uniform in log sigma, which for EDM (alpha = 1) is uniform in log-SNR."""
+    return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
+
+
+def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+SCHEDULES = {"karras": karras_sigmas, "log_sigma": log_sigma_sigmas}
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, callback=None):
+    """Euler steps on the probability-flow ODE, Karras et al. 2022, alg. 1 (SVD's stock sampler)."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if callback is not None:
+            callback({"i": i, "sigma": sigmas[i], "denoised": denoised})
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, callback=None):
+    """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095), alg. 2, in t = -log sigma."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if callback is not None:
+            callback({"i": i, "sigma": sigmas[i], "denoised": denoised})
+        if sigmas[i + 1] == 0:
+            x = denoised  # last step: the data prediction itself
+            break
+        h = (sigmas[i].log() - sigmas[i + 1].log()).item()
+        if old_denoised is None:
+            d = denoised  # first step: DPM-Solver++(1), i.e. DDIM
+        else:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+SAMPLERS = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
