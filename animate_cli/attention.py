@@ -37,6 +37,11 @@ class ProjectOnceAttnProcessor:
         self.check = check  # verify the rows really are copies (costs a device sync per call)
         self.calls = {"fast": 0, "general": 0, "stock": 0}
 
+    def count(self, path: str) -> None:
+        # Not while compiling: dynamo would guard on the counter and recompile at every call.
+        if not torch.compiler.is_compiling():
+            self.calls[path] += 1
+
     def copies(self, attn: Attention, x, ctx, mask) -> int | None:
         """Rows of ctx per video (r) if the project-once path is exact here, else None."""
         b = self.videos.n
@@ -60,17 +65,17 @@ class ProjectOnceAttnProcessor:
         x, ctx = hidden_states, encoder_hidden_states  # [N, L, D], [N, T, C]
         r = self.copies(attn, x, ctx, attention_mask)
         if r is None:
-            self.calls["stock"] += 1
+            self.count("stock")
             return self.stock(attn, x, ctx, attention_mask, temb, *a, **kw)
         n, seq, _ = x.shape
         b = n // r
         ctx = ctx[::r]  # [B, T, C] one row per video
         if ctx.shape[1] == 1:
-            self.calls["fast"] += 1
+            self.count("fast")
             out = attn.to_out[1](attn.to_out[0](attn.to_v(ctx)))  # [B, 1, D]
             out = out.repeat_interleave(r, 0).expand(n, seq, -1)  # [N, L, D], stride 0 over L
         else:
-            self.calls["general"] += 1
+            self.count("general")
             h = attn.heads
             q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)  # [N, L, inner], [B, T, inner] x2
             d = k.shape[-1] // h

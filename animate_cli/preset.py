@@ -12,8 +12,9 @@ from animate_cli.errors import AnimateError
 # Field -> allowed values, for the fields that take one of a few words.
 CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
-    "sampler": ("euler", "dpmpp_2m"),
+    "sampler": ("euler", "dpmpp_2m", "heun"),
     "schedule": ("karras", "log_sigma"),
+    "attention": ("stock", "project_once"),
 }
 # Field -> (low, high) inclusive, for numbers.
 RANGES = {
@@ -44,6 +45,8 @@ class Preset:
     motion: int = 127  # SVD motion bucket id
     noise_aug: float = 0.02  # noise added to the conditioning image
     decode_chunk: int = 8  # frames per VAE decoder call
+    attention: str = "stock"  # "project_once": cross-attention K/V once per video, not once per copy
+    compile: bool = False  # torch.compile the UNet and the VAE decoder
 
     def replace(self, **changes: Any) -> "Preset":
         return dataclasses.replace(self, **changes)

@@ -1,5 +1,6 @@
 """The end-of-run report: a rich table of stages, and the same figures as JSON."""
 
+import contextlib
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import torch
 from rich.table import Table
 
 from animate_cli import __version__
+from animate_cli.errors import AnimateError
 from animate_cli.timing import StageTimer
 
 RANDOM_WEIGHTS_NOTE = "random weights: the output is noise; timings are real, the pictures are not"
@@ -54,7 +56,7 @@ def stage_table(timer: StageTimer, title: str, peak_gib: float | None) -> Table:
     figures = timer.as_dict()
     if figures["mean_step_s"] is not None:
         table.caption = (f"{figures['steps']} steps, {figures['mean_step_s']:.3f} s/step, "
-                         f"{figures['unet_passes']} UNet passes")
+                         f"{figures['unet_passes']} UNet passes in {figures['unet_calls']} calls")
     if peak_gib is not None:
         table.caption = (table.caption or "") + f", peak GPU memory {peak_gib:.2f} GiB"
     return table
@@ -63,5 +65,10 @@ def stage_table(timer: StageTimer, title: str, peak_gib: float | None) -> Table:
 def write_json(path: Path, record: dict) -> None:
     """Written under a temporary name, then renamed: never half a file."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # a missing or unwritable folder, or a folder named like the file: one line, not a traceback
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise AnimateError(f"--json {path}: cannot write it ({e.strerror or e})") from None

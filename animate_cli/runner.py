@@ -6,6 +6,7 @@ import torch
 
 from animate_cli.errors import AnimateError
 from animate_cli.models import Model, load_model
+from animate_cli.optimize import apply_optimizations
 from animate_cli.pipeline import DTYPES, Settings
 from animate_cli.preset import Preset, apply_settings, check_value, load_preset
 
@@ -37,9 +38,13 @@ def configure_backends(preset: Preset) -> None:
     torch.backends.cudnn.allow_tf32 = preset.tf32
 
 
-def open_model(spec: str, preset: Preset, device: torch.device, progress: bool = True) -> Model:
+def open_model(spec: str, preset: Preset, device: torch.device, progress: bool = True,
+               compile_backend: str = "inductor") -> Model:
+    """The model with the preset's precision and speed switches applied."""
     configure_backends(preset)
-    return load_model(spec, DTYPES[preset.dtype], device, progress=progress)
+    model = load_model(spec, DTYPES[preset.dtype], device, progress=progress)
+    apply_optimizations(model, preset, backend=compile_backend)
+    return model
 
 
 def settings_for(preset: Preset, model: Model, width: int, height: int) -> Settings:

@@ -62,4 +62,22 @@ def sample_dpmpp_2m(model, x, sigmas, callback=None):
     return x
 
 
-SAMPLERS = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
+@torch.no_grad()
+def sample_heun(model, x, sigmas, callback=None):
+    """Heun's second-order method, Karras et al. 2022, alg. 1 with S_churn = 0 (the accurate reference)."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if callback is not None:
+            callback({"i": i, "sigma": sigmas[i], "denoised": denoised})
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_next = x + d * dt
+            d_next = (x_next - model(x_next, sigmas[i + 1])) / sigmas[i + 1]
+            x = x + (d + d_next) / 2 * dt
+    return x
+
+
+SAMPLERS = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m, "heun": sample_heun}

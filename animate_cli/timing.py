@@ -19,7 +19,8 @@ class StageTimer:
         self.device = device
         self.stages: dict[str, float] = defaultdict(float)
         self.step_times: list[float] = []
-        self.unet_passes = 0
+        self.unet_calls = 0
+        self.unet_passes = 0  # per video: a guided call is two passes (conditional and unconditional)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -41,5 +42,6 @@ class StageTimer:
             "total_s": self.total(),
             "steps": len(steps),
             "mean_step_s": sum(steps) / len(steps) if steps else None,
+            "unet_calls": self.unet_calls,
             "unet_passes": self.unet_passes,
         }
