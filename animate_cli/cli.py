@@ -6,12 +6,20 @@ import sys
 import typer
 from typer.core import TyperGroup
 
+try:  # typer 0.26+ carries its own click
+    from typer import _click as click
+except ImportError:
+    import click
+
 from animate_cli.commands.animate import animate
+from animate_cli.commands.bench import bench
 from animate_cli.commands.presets import presets
+from animate_cli.commands.train import train_tiny
 from animate_cli.console import out
 from animate_cli.errors import AnimateError
 
 DEFAULT_COMMAND = "animate"
+ABORT = tuple(x for x in [getattr(click.exceptions, "Abort", None)] if x)  # older click turns Ctrl-C into Abort
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -35,6 +43,8 @@ app = typer.Typer(
 )
 app.command(name=DEFAULT_COMMAND)(animate)
 app.command()(presets)
+app.command()(bench)
+app.command(name="train-tiny")(train_tiny)
 
 
 def main() -> None:
@@ -46,18 +56,11 @@ def main() -> None:
             raise
         out.error(str(e))
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, *ABORT):
         out.error("interrupted")
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            out.error("aborted")
-            sys.exit(1)
-        raise
+    except click.exceptions.ClickException as e:  # usage errors: bad option, missing argument, out of range
+        e.show()
+        sys.exit(e.exit_code)

@@ -8,7 +8,8 @@ from rich.console import Console
 class Output:
     def __init__(self) -> None:
         self.quiet = False
-        self.stdout = Console(highlight=False)
+        # Not a terminal (a pipe, a log file, CI): wide enough that tables keep their columns.
+        self.stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
         self.stderr = Console(stderr=True, highlight=False)
 
     @property

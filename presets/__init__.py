@@ -1,0 +1,1 @@
+"""Preset files, installed as package data (animate_cli.presets)."""

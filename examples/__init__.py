@@ -1,0 +1,1 @@
+"""Example images, installed as package data (animate_cli.examples)."""

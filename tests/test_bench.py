@@ -1,0 +1,104 @@
+"""`animate bench` on CPU with random:tiny: every figure present, ratios from the medians, a real PNG."""
+
+import json
+import sys
+
+import pytest
+from conftest import assert_user_error
+from PIL import Image
+
+SMALL = ["--model", "random:tiny", "--device", "cpu", "--size", "32x32", "--frames", "2", "--seed", "3"]
+STAGE_KEYS = {"median", "min", "max"}
+
+
+def rows_by_label(report: dict) -> dict:
+    return {r["label"]: r for r in report["rows"]}
+
+
+@pytest.fixture(scope="module")
+def preset_bench(tmp_path_factory):
+    """One bench run shared by the tests below: fp32 and bf16 (and the unbuilt distilled), with the peer."""
+    from conftest import run_main
+
+    folder = tmp_path_factory.mktemp("bench")
+    result = run_main(["bench", *SMALL, "--steps", "2", "--presets", "fp32,bf16,distilled", "--repeats", "2",
+                       "--warmup", "1", "--peer", "diffusers", "--peer-dtype", "float32",
+                       "--json", folder / "b.json", "--plot", folder / "b.png"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return result, json.loads((folder / "b.json").read_text()), folder
+
+
+def test_json_has_every_figure_per_preset(preset_bench):
+    result, report, _ = preset_bench
+    assert report["header"]["random_weights"] is True and report["header"]["torch"]
+    assert any("CPU figures" in n for n in report["notes"])  # no GPU here, and the report says so
+    rows = rows_by_label(report)
+    for label in ("fp32", "bf16", "diffusers (float32)"):
+        row = rows[label]
+        assert row["available"] and row["repeats"] == 2
+        assert set(row["total_s"]) == STAGE_KEYS
+        for name, stat in row["stages"].items():
+            assert set(stat) == STAGE_KEYS and stat["min"] <= stat["median"] <= stat["max"], name
+        assert row["unet_passes"] == 2 * 2  # 2 steps, guided: two passes per step
+        assert row["cold_start_s"] > 0 and "peak_gib" in row and row["speedup"] > 0
+        assert {"psnr_mean_db", "psnr_worst_db", "ssim_mean", "ssim_worst"} <= set(row["drift"])
+    assert {"preprocess", "encode", "denoise", "decode", "write"} <= set(rows["fp32"]["stages"])
+    assert "pipeline" in rows["diffusers (float32)"]["stages"]
+    assert "fp32" in result.stdout and "bf16" in result.stdout  # the table
+
+
+def test_speedup_is_the_ratio_of_measured_medians(preset_bench):
+    rows = rows_by_label(preset_bench[1])
+    first = rows["fp32"]["total_s"]["median"]
+    for label in ("fp32", "bf16", "diffusers (float32)"):
+        assert rows[label]["speedup"] == pytest.approx(first / rows[label]["total_s"]["median"])
+    assert rows["fp32"]["speedup"] == pytest.approx(1.0)
+
+
+def test_drift_against_fp32(preset_bench):
+    rows = rows_by_label(preset_bench[1])
+    assert rows["fp32"]["drift"]["psnr_worst_db"] == float("inf") and rows["fp32"]["drift"]["ssim_mean"] == 1.0
+    bf16 = rows["bf16"]["drift"]
+    assert bf16["psnr_worst_db"] < float("inf")  # bfloat16 and another solver move the numbers ...
+    # ... while diffusers' pipeline in float32 is the same computation as our fp32 loop, up to rounding
+    assert rows["diffusers (float32)"]["drift"]["psnr_worst_db"] > 40
+
+
+def test_unavailable_preset_is_reported_not_faked(preset_bench):
+    result, report, _ = preset_bench
+    distilled = rows_by_label(report)["distilled"]
+    assert distilled["available"] is False and "distilled" in distilled["reason"]
+    assert "stages" not in distilled
+    assert "unavailable" in result.stdout
+
+
+def test_plot_is_a_png(preset_bench):
+    path = preset_bench[2] / "b.png"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 200 and image.height > 200
+
+
+def test_ablation_adds_one_switch_at_a_time(cli, tmp_path):
+    result = cli("bench", *SMALL, "--presets", "fp32", "--ablation", "--repeats", "2", "--warmup", "0",
+                 "--compile-backend", "eager", "--json", tmp_path / "a.json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    labels = [r["label"] for r in rows]
+    assert labels == ["fp32", "+bf16", "+attention", "+dpm-solver", "+compile", "+distillation"]
+    measured = [r for r in rows if r["available"]]
+    for before, after in zip(measured, measured[1:], strict=False):
+        changed = {k for k, v in after["preset"].items() if before["preset"][k] != v} - {"name", "description"}
+        assert changed and changed <= {"dtype", "attention", "sampler", "schedule", "steps", "compile"}
+    by = rows_by_label({"rows": rows})
+    assert by["fp32"]["unet_passes"] == 50 and by["+dpm-solver"]["unet_passes"] == 30
+    assert by["+compile"]["compile_s"] is not None  # cold start reported apart from the steady state
+    assert "compile" not in by["+compile"]["stages"]
+    assert by["+distillation"]["available"] is False
+
+
+def test_plot_without_matplotlib_is_one_clear_line(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = cli("bench", *SMALL, "--steps", "1", "--presets", "fp32", "--repeats", "1", "--warmup", "0",
+                 "--plot", tmp_path / "p.png")
+    assert_user_error(result, "matplotlib", code=2)  # said before any run
+    assert not (tmp_path / "p.png").exists()
