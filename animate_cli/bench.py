@@ -155,10 +155,15 @@ def run_diffusers(model: Model, image: Image.Image, seed: int, settings: Setting
 
 
 def measure(bench: Bench, warmup: int, repeats: int, on_run=None) -> None:
-    """warmup + repeats rounds; each round runs every row once, so drift hits all rows alike."""
+    """warmup + repeats rounds; each round runs every row once, so drift hits all rows alike. A run that
+    compiled is cold start, not steady state: rows that had one get extra rounds until `repeats` are measured."""
     active = [r for r in bench.rows if r.unavailable is None]
-    for round_index in range(warmup + repeats):
-        for row in active:
+    round_index = 0
+    while True:
+        pending = active if round_index < warmup + repeats else [r for r in active if len(r.runs) < repeats]
+        if not pending:
+            return
+        for row in pending:
             figures = bench.run(row)
             if row.cold is None:
                 row.cold = figures
@@ -167,6 +172,7 @@ def measure(bench: Bench, warmup: int, repeats: int, on_run=None) -> None:
                 row.runs.append(figures)
             if on_run is not None:
                 on_run(row, round_index, figures)
+        round_index += 1
 
 
 def spread(values: list[float]) -> dict:

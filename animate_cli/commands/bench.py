@@ -60,7 +60,7 @@ def bench(
         out.info(f"bench: {len(active)} rows x ({warmup} warm-up + {repeats} measured) runs on {torch_device}, "
                  f"model {model}, image {image_path}")
         b.measure(bench_run, warmup, repeats, on_run=lambda row, i, figures: out.info(
-            f"  round {i + 1}/{warmup + repeats}: {row.label} {figures['total_s']:.2f} s"))
+            f"  round {i + 1}: {row.label} {figures['total_s']:.2f} s"))
         random_weights = any(m.random_weights for m in bench_run.models.values())
     summary = b.summarise(bench_run)
     head = b.header(torch_device, model, random_weights)
