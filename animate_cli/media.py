@@ -158,8 +158,9 @@ def write_gif(frames: np.ndarray, path: Path, fps: int, quality: int) -> None:
     mosaic = Image.fromarray(np.concatenate(frames, axis=0))
     palette = mosaic.quantize(256, method=Image.Quantize.MEDIANCUT)
     paletted = [im.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG) for im in images]
+    # palette=: without it Pillow gives every frame after the first a local colour table (a copy of the same one).
     paletted[0].save(path, format="GIF", save_all=True, append_images=paletted[1:], loop=0,
-                     duration=round(1000 / fps), optimize=False, disposal=1)
+                     duration=round(1000 / fps), optimize=False, disposal=1, palette=bytes(palette.getpalette()))
 
 
 def write_webp(frames: np.ndarray, path: Path, fps: int, quality: int) -> None:

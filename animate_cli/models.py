@@ -22,7 +22,8 @@ from animate_cli.errors import AnimateError
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 COMPONENTS = ("unet", "vae", "image_encoder", "feature_extractor", "scheduler")
-SVD_NATIVE = {"native_size": [1024, 576], "frames": 25}  # when a folder does not say otherwise
+SVD_NATIVE = {"native_size": [1024, 576]}  # when a folder does not say otherwise; frames: the UNet's num_frames
+WEIGHTS = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("image_encoder", "model"))
 
 
 @dataclass
@@ -68,8 +69,25 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, progress: bo
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
         return load_folder(path, spec, dtype, device)
+    packaged = packaged_model(spec)
+    if packaged is not None:  # a model shipped inside the package (animate_cli/weights/NAME): no network
+        return load_folder(packaged, spec, dtype, device)
     folder = download(spec, want_variant=dtype != torch.float32, progress=progress)
     return load_folder(folder, spec, dtype, device)
+
+
+def packaged_names() -> list[str]:
+    """Models shipped as package data under animate_cli/weights/ (diffusers layout), e.g. tiny-motion."""
+    try:
+        root = resources.files("animate_cli.weights")
+    except ModuleNotFoundError:
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "model_index.json").is_file())
+
+
+def packaged_model(name: str) -> Path | None:
+    """The folder of the packaged model `name`, or None."""
+    return Path(str(resources.files("animate_cli.weights") / name)) if name in packaged_names() else None
 
 
 def build_random(name: str, dtype: torch.dtype, device: torch.device) -> Model:
@@ -123,9 +141,10 @@ def load_folder(path: Path, spec: str, dtype: torch.dtype, device: torch.device)
             f"{spec} is not a Stable Video Diffusion folder in diffusers layout (no {missing[0]}); "
             "save one with StableVideoDiffusionPipeline.save_pretrained"
         )
-    variant = "fp16" if dtype != torch.float32 and has_variant(path, "fp16") else None
-    for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                       ("image_encoder", "model")):
+    # fp16 files for half precision when there are some; for float32 the full files, else the fp16 ones upcast
+    plain = all((path / part / f"{stem}.safetensors").is_file() for part, stem in WEIGHTS)
+    variant = "fp16" if has_variant(path, "fp16") and (dtype != torch.float32 or not plain) else None
+    for part, stem in WEIGHTS:
         name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
         if not (path / part / name).is_file():
             raise AnimateError(f"{spec}: {part}/{name} is missing; only safetensors weights are loaded")
