@@ -437,13 +437,6 @@ def run_batch(options: BatchOptions) -> dict:
         raise AnimateError(f"-o {outdir}: with several images or a folder, -o names a folder, and this is a file")
     if not outdir.exists() and outdir.suffix.lower().lstrip(".") in ("mp4", "gif", "webp"):
         raise AnimateError(f"-o {outdir}: with several images or a folder, -o names a folder (OUTDIR), not a file")
-    if options.size is not None:  # a bad --size is a usage error, not every image's failure
-        resolve_size(options.size, Image.new("RGB", (2, 1)), (2, 1), 1)
-    if options.json_path is not None:
-        parent = options.json_path.parent if str(options.json_path.parent) else Path(".")
-        if not parent.is_dir() or options.json_path.is_dir():
-            raise AnimateError(f"--json {options.json_path}: cannot write it (no folder {parent}, or a folder "
-                               "by that name)")
     jobs = collect_inputs(options.inputs, options.recursive, outdir, options.fmt)
     assign_outputs(jobs, outdir, options.fmt)
     try:

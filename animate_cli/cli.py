@@ -13,13 +13,13 @@ except ImportError:
 
 from animate_cli.commands.animate import animate
 from animate_cli.commands.bench import bench
+from animate_cli.commands.distill import distill
 from animate_cli.commands.presets import presets
 from animate_cli.commands.train import train_tiny
 from animate_cli.console import out
 from animate_cli.errors import AnimateError
 
 DEFAULT_COMMAND = "animate"
-ABORT = tuple(x for x in [getattr(click.exceptions, "Abort", None)] if x)  # older click turns Ctrl-C into Abort
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -45,22 +45,26 @@ app.command(name=DEFAULT_COMMAND)(animate)
 app.command()(presets)
 app.command()(bench)
 app.command(name="train-tiny")(train_tiny)
+app.command()(distill)
 
 
 def main() -> None:
     """Console entry point: user mistakes print one line on stderr (a traceback with ANIMATE_DEBUG=1)."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns Exit codes (130 for Ctrl-C) rather than raising
     except AnimateError as e:
         if os.environ.get("ANIMATE_DEBUG"):
             raise
         out.error(str(e))
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, *ABORT):
-        out.error("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt:
+        code = 130
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except click.exceptions.ClickException as e:  # usage errors: bad option, missing argument, out of range
         e.show()
         sys.exit(e.exit_code)
+    if code == 130:
+        out.error("interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)

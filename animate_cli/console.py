@@ -22,7 +22,8 @@ class Output:
             self.stderr.print(message)
 
     def warn(self, message: str) -> None:
-        self.stderr.print(f"[yellow]warning:[/] {message}")
+        if not self.quiet:
+            self.stderr.print(f"[yellow]warning:[/] {message}")
 
     def error(self, message: str) -> None:
         # Plain write: the message may hold paths with brackets that rich would read as markup.

@@ -57,13 +57,19 @@ def resolve_size(size: str | None, image: Image.Image, native: tuple[int, int], 
     if size is None:
         w, h = native
         return (min(w, h), max(w, h)) if image.height > image.width else (max(w, h), min(w, h))
+    w, h = parse_size(size)
+    return max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' -> (width, height), or the error saying what is wrong."""
     try:
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise AnimateError(f"--size {size!r}: expected WIDTHxHEIGHT, for example 1024x576") from None
     if w <= 0 or h <= 0:
         raise AnimateError(f"--size {size!r}: width and height must be positive")
-    return max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple)
+    return w, h
 
 
 def fit_image(image: Image.Image, size: tuple[int, int], fit: str) -> Image.Image:

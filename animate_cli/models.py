@@ -20,7 +20,6 @@ except ImportError:
 
 from animate_cli.errors import AnimateError
 
-DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 COMPONENTS = ("unet", "vae", "image_encoder", "feature_extractor", "scheduler")
 SVD_NATIVE = {"native_size": [1024, 576]}  # when a folder does not say otherwise; frames: the UNet's num_frames
 WEIGHTS = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("image_encoder", "model"))

@@ -5,6 +5,8 @@ from typing import Annotated
 
 import typer
 
+DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+
 Preset = Annotated[str, typer.Option("--preset", help="Preset name (see `animate presets`) or a .toml file.")]
 Model = Annotated[
     str,

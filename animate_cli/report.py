@@ -62,6 +62,15 @@ def stage_table(timer: StageTimer, title: str, peak_gib: float | None) -> Table:
     return table
 
 
+def check_json_path(path: Path | None) -> None:
+    """Before any work: the folder for --json exists and the name is not a folder."""
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or path.is_dir():
+        raise AnimateError(f"--json {path}: cannot write it (no folder {parent}, or a folder by that name)")
+
+
 def write_json(path: Path, record: dict) -> None:
     """Written under a temporary name, then renamed: never half a file."""
     tmp = path.with_name(f".{path.name}.partial")

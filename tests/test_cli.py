@@ -344,10 +344,6 @@ def test_json_into_missing_folder_is_a_user_error(cli, make_image, tmp_path):
     assert not [p for p in tmp_path.rglob("*partial*")]
 
 
-INTERRUPT_BUG = ("typer turns KeyboardInterrupt into Exit(130), which app(standalone_mode=False) returns and "
-                 "cli.main ignores: exit 0 (see report)")
-
-
 @pytest.mark.parametrize("args, needle", [(["--steps", "0"], "--steps"), (["--bogus"], "--bogus"),
                                           ([], "Usage")])
 def test_usage_errors_are_short(cli, make_image, tmp_path, args, needle):
@@ -361,7 +357,6 @@ def test_usage_errors_are_short(cli, make_image, tmp_path, args, needle):
     assert not (tmp_path / "o.mp4").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=INTERRUPT_BUG)
 def test_interrupt_exits_130(cli, make_image, tmp_path, monkeypatch):
     import animate_cli.commands.animate as command
     import animate_cli.media as media

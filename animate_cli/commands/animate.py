@@ -16,9 +16,9 @@ from animate_cli.media import (
     fit_image,
     load_image,
     output_format,
+    parse_size,
     resolve_size,
 )
-from animate_cli.models import DEFAULT_MODEL
 
 
 def animate(
@@ -30,7 +30,7 @@ def animate(
         "(default: IMAGE's name, .mp4). Batch: OUTDIR, created if missing; each output is named after its input "
         "(stem + the format's suffix), with OUTDIR/animate-manifest.jsonl as the run's record.")] = None,
     preset: options.Preset = "bf16",
-    model: options.Model = DEFAULT_MODEL,
+    model: options.Model = options.DEFAULT_MODEL,
     frames: options.Frames = None,
     steps: options.Steps = None,
     fps: Annotated[int | None, typer.Option("--fps", min=1, help="Frames per second, of the file and of SVD's "
@@ -83,6 +83,9 @@ def animate(
         raise AnimateError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
     chosen = resolve_preset(preset, sets, frames=frames, steps=steps, fps=fps, motion=motion,
                             noise_aug=noise_aug, decode_chunk=decode_chunk)
+    if size is not None:
+        parse_size(size)  # a bad --size is a usage error before anything loads
+    report.check_json_path(json_path)
     if is_batch(inputs):
         from animate_cli.batch import BatchOptions, run_batch
 
