@@ -2,7 +2,7 @@
 
 Rows are presets (or the ablation: one switch at a time from fp32) and optionally diffusers' own
 pipeline. Every row runs the whole path from image to written MP4; the model is loaded once per
-distinct (dtype, attention, compile) and kept for the whole bench.
+distinct (dtype, attention, compile, student) and kept for the whole bench.
 """
 
 import statistics
@@ -52,14 +52,20 @@ def plan_rows(presets: list[str], ablation: bool, peer: str | None, peer_dtype: 
         for label, change in ABLATION:
             preset = preset.replace(**change)
             rows.append(Row(label, preset.replace(name=label, **overrides)))
-        rows.append(distillation_row())
+        rows.append(distillation_row(overrides))
     for name in presets:
         if any(r.label == name for r in rows):
             continue
         try:
-            rows.append(Row(name, load_preset(name).replace(**overrides)))
+            preset = load_preset(name).replace(**overrides)
         except AnimateError as e:
             rows.append(Row(name, unavailable=str(e)))
+            continue
+        same = next((r for r in rows if r.preset is not None and same_switches(r.preset, preset)), None)
+        if same is not None:  # an ablation row already is this preset: name it, do not run it twice
+            same.label = f"{same.label} = {name}"
+        else:
+            rows.append(Row(name, preset))
     if peer is not None:
         if peer != "diffusers":
             raise AnimateError(f"--peer {peer!r}: the only peer is 'diffusers'")
@@ -68,9 +74,15 @@ def plan_rows(presets: list[str], ablation: bool, peer: str | None, peer_dtype: 
     return rows
 
 
-def distillation_row() -> Row:
+def same_switches(a: Preset, b: Preset) -> bool:
+    ignore = ("name", "description")
+    return {k: v for k, v in a.as_dict().items() if k not in ignore} == {
+        k: v for k, v in b.as_dict().items() if k not in ignore}
+
+
+def distillation_row(overrides: dict) -> Row:
     try:
-        return Row("+distillation", load_preset("distilled"))
+        return Row("+distillation", load_preset("distilled").replace(**overrides))
     except AnimateError:
         return Row("+distillation", unavailable="no distilled preset yet: distillation is not built")
 
@@ -89,7 +101,7 @@ class Bench:
     models: dict = field(default_factory=dict)
 
     def model_for(self, preset: Preset) -> Model:
-        key = (preset.dtype, preset.attention, preset.compile)
+        key = (preset.dtype, preset.attention, preset.compile, preset.student)
         if key not in self.models:
             self.models[key] = open_model(self.model_spec, preset, self.device, progress=False,
                                           compile_backend=self.compile_backend)

@@ -165,6 +165,7 @@ def load_folder(path: Path, spec: str, dtype: torch.dtype, device: torch.device)
         frames=meta.get("frames", unet.config.num_frames),
         random_weights=False,
         revision=path.name if "snapshots" in path.parts else None,
+        extras={"folder": str(path)},
     )
 
 

@@ -4,6 +4,7 @@ preprocess -> encode -> denoise -> decode (load and write live with the caller).
 Shapes: B videos, F frames, C=4 latent channels, h x w latent size (pixels / vae_scale).
 """
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -12,8 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from animate_cli.errors import AnimateError
 from animate_cli.models import Model
-from animate_cli.sampling import SAMPLERS, SCHEDULES
+from animate_cli.sampling import SAMPLERS, SCHEDULES, nested_karras_sigmas
+from animate_cli.student import is_student, make_student_denoiser
 from animate_cli.timing import StageTimer, synchronize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -145,21 +148,46 @@ def make_denoiser(model: Model, cond: Conditioning, settings: Settings, timer: S
     return denoise
 
 
+def denoiser_for(model: Model, cond: Conditioning, settings: Settings, timer: StageTimer | None = None):
+    """A guidance-distilled student takes one pass per step; any other UNet, the guided two-pass denoiser."""
+    if is_student(model.unet):
+        return make_student_denoiser(model, cond, settings, timer)
+    return make_denoiser(model, cond, settings, timer)
+
+
+def sigma_schedule(model: Model, settings: Settings) -> torch.Tensor:
+    """steps + 1 sigmas, the last 0. 'student': the grid the student was distilled on (student.json)."""
+    config = model.scheduler_config
+    if settings.schedule != "student":
+        return SCHEDULES[settings.schedule](settings.steps, config["sigma_min"], config["sigma_max"])
+    meta = model.extras.get("student")
+    if meta is None:
+        raise AnimateError("schedule 'student' needs a student: set the preset's student field")
+    if "sigmas" not in meta:  # an untrained student: the grid `animate distill` would train it on
+        return nested_karras_sigmas(settings.steps, config["sigma_min"], config["sigma_max"])
+    if len(meta["sigmas"]) != settings.steps + 1:
+        raise AnimateError(f"this student was distilled for {len(meta['sigmas']) - 1} steps, not {settings.steps}: "
+                           f"use --steps {len(meta['sigmas']) - 1}")
+    return torch.tensor(meta["sigmas"], dtype=torch.float32)
+
+
 # 3. Denoise: noise -> latents
 def denoise(model: Model, cond: Conditioning, settings: Settings, generators, timer: StageTimer | None = None,
             on_step=None) -> torch.Tensor:
     """Latents [B, F, C, h, w] in float32."""
     config = model.scheduler_config
-    sigmas = SCHEDULES[settings.schedule](settings.steps, config["sigma_min"], config["sigma_max"])
-    sigmas = sigmas.to(model.device)
+    sigmas = sigma_schedule(model, settings).to(model.device)
     c = model.vae.config.latent_channels
     shape = (settings.frames, c, settings.height // model.vae_scale, settings.width // model.vae_scale)
     # Drawn in the model dtype, as diffusers does, so a seed gives the same noise in both.
     noise = randn(shape, generators, model.device, model.dtype).float()
     x = noise * init_noise_scale(config, sigmas[0].item())
-    model_fn = make_denoiser(model, cond, settings, timer)
+    model_fn = denoiser_for(model, cond, settings, timer)
     clock = StepClock(timer, on_step)  # started here, so the first interval is the first step
-    return SAMPLERS[settings.sampler](model_fn, x, sigmas, callback=clock)
+    sampler = SAMPLERS[settings.sampler]
+    if settings.sampler == "animatelcm":  # stochastic: fresh noise per step from each video's own generator
+        sampler = functools.partial(sampler, generator=generators)
+    return sampler(model_fn, x, sigmas, callback=clock)
 
 
 def init_noise_scale(scheduler_config: dict, sigma_max: float) -> float:
@@ -218,7 +246,7 @@ def warm_up(model: Model, cond: Conditioning, settings: Settings, timer: StageTi
         x = torch.zeros(len(cond.image_embeds), settings.frames, c, settings.height // model.vae_scale,
                         settings.width // model.vae_scale, device=model.device)
         sigma = torch.tensor(1.0, device=model.device)
-        make_denoiser(model, cond, settings)(x, sigma)
+        denoiser_for(model, cond, settings)(x, sigma)
         decode(model, x, settings.decode_chunk)
     warm.add(key)
     if model.extras.get("compiled") == "inductor":

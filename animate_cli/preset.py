@@ -12,8 +12,8 @@ from animate_cli.errors import AnimateError
 # Field -> allowed values, for the fields that take one of a few words.
 CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
-    "sampler": ("euler", "dpmpp_2m", "heun"),
-    "schedule": ("karras", "log_sigma"),
+    "sampler": ("euler", "dpmpp_2m", "heun", "animatelcm"),
+    "schedule": ("karras", "log_sigma", "student", "animatelcm"),
     "attention": ("stock", "project_once"),
 }
 # Field -> (low, high) inclusive, for numbers.
@@ -47,6 +47,7 @@ class Preset:
     decode_chunk: int = 8  # frames per VAE decoder call
     attention: str = "stock"  # "project_once": cross-attention K/V once per video, not once per copy
     compile: bool = False  # torch.compile the UNet and the VAE decoder
+    student: str = ""  # "": the model's own UNet; "auto", a student folder, or AnimateLCM .safetensors weights
 
     def replace(self, **changes: Any) -> "Preset":
         return dataclasses.replace(self, **changes)

@@ -9,6 +9,7 @@ from animate_cli.models import Model, load_model
 from animate_cli.optimize import apply_optimizations
 from animate_cli.pipeline import DTYPES, Settings
 from animate_cli.preset import Preset, apply_settings, check_value, load_preset
+from animate_cli.student import attach_student
 
 
 def resolve_preset(name: str, sets: list[str] | None, **flags) -> Preset:
@@ -43,6 +44,8 @@ def open_model(spec: str, preset: Preset, device: torch.device, progress: bool =
     """The model with the preset's precision and speed switches applied."""
     configure_backends(preset)
     model = load_model(spec, DTYPES[preset.dtype], device, progress=progress)
+    if preset.student:
+        attach_student(model, preset.student, DTYPES[preset.dtype], device)
     apply_optimizations(model, preset, backend=compile_backend)
     return model
 

@@ -96,6 +96,8 @@ def other_value(preset, field: str):
         return not current
     if field == "frames":
         return 3 if current != 3 else 5
+    if field == "student":
+        return "auto" if current != "auto" else ""
     if field in RANGES:
         low, high = RANGES[field]
         kind = type(FIELDS[field].default)

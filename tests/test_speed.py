@@ -159,3 +159,33 @@ def test_compiled_model_does_not_recompile_across_images_steps_or_batches():
     assert "compile" not in batch_timer.stages
     assert torch.equal(first, again)
     torch._dynamo.reset()
+
+
+def test_distilled_preset_takes_one_unet_pass_per_step():
+    from animate_cli.runner import open_model, settings_for
+
+    preset = load_preset("distilled").replace(compile=False, dtype="float32")
+    model = open_model("random:tiny", preset, CPU)
+    calls = []
+    hook = model.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    timer = StageTimer(CPU)
+    try:
+        generate(model, [image(1)], [4], settings_for(preset, model, 32, 32), timer)
+    finally:
+        hook.remove()
+    assert calls == [1] * 8  # batch 1: no unconditional half
+    assert (timer.unet_calls, timer.unet_passes) == (8, 8)
+
+
+def test_distilled_preset_without_a_student_says_how_to_get_one(tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+
+    from animate_cli.errors import AnimateError
+    from animate_cli.runner import open_model
+
+    m = load_model("random:tiny", torch.float32, CPU)
+    StableVideoDiffusionPipeline(vae=m.vae, image_encoder=m.image_encoder, unet=m.unet,
+                                 scheduler=EulerDiscreteScheduler.from_config(m.scheduler_config),
+                                 feature_extractor=m.feature_extractor).save_pretrained(tmp_path / "svd")
+    with pytest.raises(AnimateError, match="animate distill"):
+        open_model(str(tmp_path / "svd"), load_preset("distilled").replace(compile=False), CPU)

@@ -21,7 +21,9 @@ def bench(
     peer: Annotated[str | None, typer.Option("--peer", help="Add a row for diffusers' own "
                                              "StableVideoDiffusionPipeline: --peer diffusers.")] = None,
     peer_dtype: Annotated[str, typer.Option("--peer-dtype", help="dtype of the peer row.")] = "bfloat16",
-    model: options.Model = "random:svd-xt",
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Hub id, local folder or random:NAME (default: random:svd-xt on a GPU, "
+        "random:tiny on a CPU, where the full model would take hours).")] = None,
     frames: options.Frames = None,
     steps: options.Steps = None,
     size: options.Size = None,
@@ -53,6 +55,8 @@ def bench(
     names = [p.strip() for p in presets.split(",") if p.strip()]
     rows = b.plan_rows(names, ablation, peer, peer_dtype, overrides)
     torch_device = resolve_device(device)
+    if model is None:
+        model = "random:svd-xt" if torch_device.type == "cuda" else "random:tiny"
     with b.scratch_dir() as scratch:
         bench_run = b.Bench(model, torch_device, picture, seed, size, "crop", rows, Path(scratch),
                             compile_backend=compile_backend)

@@ -1,0 +1,117 @@
+"""`animate distill IMAGES --model M --workdir DIR`: guidance + step distillation into a one-pass, 8-step student."""
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from animate_cli.console import out
+from animate_cli.errors import AnimateError
+
+
+def distill(
+    images: Annotated[Path, typer.Argument(help="Folder of still images (the conditioning to distil on).",
+                                           show_default=False)],
+    workdir: Annotated[Path, typer.Option(
+        "--workdir", help="Folder for the checkpoint, the loss log (loss.jsonl) and each phase's student; "
+        "the same command again resumes from it.", show_default=False)],
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Teacher: hub id, local folder in diffusers layout, or random:NAME "
+        "[stabilityai/stable-video-diffusion-img2vid-xt].")] = None,
+    stage1_steps: Annotated[int | None, typer.Option(
+        "--stage1-steps", min=0, help="Optimizer steps of stage 1 (guidance distillation) [2000].")] = None,
+    round_steps: Annotated[int | None, typer.Option(
+        "--round-steps", min=0, help="Optimizer steps of each step-halving round [2000].")] = None,
+    rounds: Annotated[int | None, typer.Option(
+        "--rounds", min=0, help="Step-halving rounds: the student starts at final-steps x 2^rounds [2].")] = None,
+    final_steps: Annotated[int | None, typer.Option(
+        "--final-steps", min=1, help="Sampling steps of the final student [8].")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate [1e-5]; the new "
+                                             "guidance embedding gets 10x.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Videos per step [1].")] = None,
+    size: Annotated[str | None, typer.Option(
+        "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
+    frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Run seed: image order, guidance, sigmas, noise [0].")]
+    = None,
+    device: Annotated[str, typer.Option("--device", help="cuda, cuda:N, cpu or auto.")] = "auto",
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where the final student goes (default: WORKDIR/student).")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 100,
+    log_every: Annotated[int, typer.Option("--log-every", min=1)] = 10,
+) -> None:
+    """Distil the model into a guidance-conditioned student that samples in one UNet pass per step and few steps
+    (Meng et al. 2023): stage 1 learns classifier-free guidance, then each round halves the steps (32 -> 16 -> 8).
+
+    Resumes from WORKDIR/checkpoint.pt. Writes WORKDIR/phase-N/ after each phase, and the final student
+    (diffusers layout, safetensors) to --out.
+    """
+    from animate_cli import distill as d
+    from animate_cli.runner import resolve_device
+
+    given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
+                 final_steps=final_steps, lr=lr, batch_size=batch_size, frames=frames, seed=seed)
+    if size is not None:
+        given["width"], given["height"] = parse_size(size)
+    options = {k: v for k, v in given.items() if v is not None}
+    torch_device = resolve_device(device)
+    d.image_files(images)  # fail on a bad folder before the model loads
+    if workdir.exists() and not workdir.is_dir():
+        raise AnimateError(f"--workdir {workdir} is a file; give a folder")
+    out_dir = out_dir if out_dir is not None else workdir / "student"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AnimateError(f"--out {out_dir} is a file; give a folder")
+
+    log_path = workdir / "distill.log"
+
+    def log(message: str) -> None:
+        from rich.markup import escape
+
+        out.info(escape(message))
+        with log_path.open("a") as f:
+            f.write(message + "\n")
+
+    session = d.open_session(options, images, workdir, torch_device)
+    c = session.config
+    log(f"{'resumed at step ' + str(session.global_step) if session.global_step else 'new run'}: {c.model}, "
+        f"{len(session.data.names)} images at {c.width}x{c.height}, {c.frames} frames, {torch_device}; "
+        f"{c.base_steps} -> {c.final_steps} steps in {c.rounds} rounds")
+    with phase_progress() as progress:
+        d.run(session, checkpoint_every=checkpoint_every, log_every=log_every, log=log, progress=progress,
+              step_lines=progress is None)
+    folder = d.export(session, out_dir)
+    log(f"student ({c.final_steps} steps, one pass per step) written to {folder}")
+    out.result(str(folder))
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise AnimateError(f"--size {size!r}: expected WIDTHxHEIGHT, for example 1024x576") from None
+    if w <= 0 or h <= 0:
+        raise AnimateError(f"--size {size!r}: width and height must be positive")
+    return w, h
+
+
+@contextlib.contextmanager
+def phase_progress():
+    """A rich progress bar per phase on a terminal; None (plain log lines) otherwise."""
+    if not out.interactive:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=out.stderr) as progress:
+        tasks = {}
+
+        def update(name: str, step: int, total: int, loss: float | None = None) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(name, total=total, loss="")
+            fields = {"loss": f"loss {loss:.5f}"} if loss is not None else {}
+            progress.update(tasks[name], completed=step, total=total, **fields)
+
+        yield update

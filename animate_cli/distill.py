@@ -1,0 +1,582 @@
+"""Guidance and step distillation of SVD into a one-pass, few-step student (Meng et al. 2023, "On Distillation of
+Guided Diffusion Models"; the step part is Salimans & Ho 2022, "Progressive Distillation").
+
+Phases, one resumable run (WORKDIR/checkpoint.pt):
+  phase 0, stage 1 (guidance): the student (animate_cli.student: the teacher's UNet plus a zero-initialised
+      guidance embedding of w) learns, in ONE pass, the teacher's classifier-free-guided output (two passes,
+      uncond + cond, combined with SVD's per-frame scales rising linearly from min_guidance on the first frame
+      to w = max_guidance on the last), w ~ U(guidance_range) per video, at sigmas drawn uniformly from the
+      BASE grid (final_steps * 2**rounds steps, e.g. 32).
+  phase r = 1..rounds, stage 2 (progressive step distillation): the student on a grid of half the steps learns
+      to land, with one DDIM step (= Euler on the EDM probability-flow ODE: x' = x0 + (s'/s) (x - x0)), where two
+      DDIM steps of the previous phase's student (frozen, loaded from WORKDIR/phase-{r-1}) land: the target x0 is
+      (z'' - (s_next/s) z) / (1 - s_next/s)  (z'' when s_next = 0). 32 -> 16 -> 8 steps with rounds = 2.
+Every grid is the base grid subsampled (base[::2**r]), so the grids nest exactly and the final sampler is the
+stock "euler" sampler over the explicit sigmas written to student.json.
+
+Loss: the x0 error with EDM weighting lambda(s) = (s^2 + 1) / s^2 (sigma_data = 1), computed as its equal, the
+mean squared error of the UNet's v output against the target's v (x0 = c_skip z + c_out v, c_out^2 lambda = 1).
+
+Data: a folder of still images, encoded once as animate_cli.pipeline encodes (CLIP image embedding, VAE latent
+of the noise-augmented image, added time ids fps - 1, motion, noise_aug). Noisy inputs are z = x0 + s * eps with
+eps drawn per example and x0 the still's own latent on every frame (a still video: no video data is needed, and
+at the high noise levels that decide the motion it hardly matters; see the report's limits).
+
+Every step's images, w, sigmas and noise come from a generator seeded by (seed, global step), so a resumed run
+continues exactly as an uninterrupted one; torch's RNG states are also saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from animate_cli.errors import AnimateError
+from animate_cli.sampling import SCHEDULES
+from animate_cli.student import load_student, make_student, save_student, set_guidance
+
+CHECKPOINT = "checkpoint.pt"
+LOSS_LOG = "loss.jsonl"
+FINAL_SAMPLER = "euler"  # one DDIM step per grid interval: what stage 2 distils
+
+
+@dataclass
+class DistillConfig:
+    model: str = "stabilityai/stable-video-diffusion-img2vid-xt"
+    width: int | None = None  # None: the model's native size (landscape)
+    height: int | None = None
+    frames: int | None = None  # None: the model's native count
+    stage1_steps: int = 2000
+    round_steps: int = 2000
+    rounds: int = 2
+    final_steps: int = 8
+    schedule: str = "karras"
+    lr: float = 1e-5
+    guidance_lr_mult: float = 10.0  # the new (zero-initialised) guidance MLP learns faster
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 1
+    min_guidance: float = 1.0
+    guidance_range: tuple[float, float] = (1.0, 3.0)  # max_guidance w ~ U(range) per video
+    fps: int = 7
+    motion: int = 127
+    noise_aug: float = 0.02
+    seed: int = 0
+    gradient_checkpointing: bool | None = None  # None: on for CUDA
+
+    @property
+    def base_steps(self) -> int:
+        return self.final_steps * 2**self.rounds
+
+    def phase_steps(self, phase: int) -> int:
+        return self.stage1_steps if phase == 0 else self.round_steps
+
+    def student_steps(self, phase: int) -> int:
+        """Sampling steps the student of `phase` is trained for (32, 16, 8 with the defaults)."""
+        return self.base_steps // 2 ** phase
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+def check_config(c: DistillConfig) -> None:
+    if c.schedule not in SCHEDULES or c.schedule == "animatelcm":
+        raise AnimateError(f"schedule {c.schedule!r}: choose karras or log_sigma")
+    for name in ("stage1_steps", "round_steps", "rounds", "final_steps", "batch_size"):
+        low = 0 if name in ("stage1_steps", "round_steps", "rounds") else 1
+        if getattr(c, name) < low:
+            raise AnimateError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(c, name)}")
+    if c.base_steps > 1024:
+        raise AnimateError(f"{c.final_steps} steps x 2^{c.rounds} rounds = {c.base_steps} base steps: too many")
+    lo, hi = c.guidance_range
+    if not 0 <= lo <= hi:
+        raise AnimateError(f"guidance range {lo}..{hi}: expected 0 <= low <= high")
+    if not c.lr > 0:
+        raise AnimateError(f"--lr must be positive, got {c.lr}")
+
+
+# ---------------------------------------------------------------- sigma grids
+def base_sigmas(c: DistillConfig, scheduler_config: dict) -> torch.Tensor:
+    return SCHEDULES[c.schedule](c.base_steps, scheduler_config["sigma_min"], scheduler_config["sigma_max"])
+
+
+def grid(c: DistillConfig, scheduler_config: dict, steps: int) -> torch.Tensor:
+    """The `steps`-step grid (steps + 1 sigmas, the last 0): the base grid taken every base/steps points."""
+    stride = c.base_steps // steps
+    return base_sigmas(c, scheduler_config)[::stride].clone()
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class Data:
+    names: list[str]
+    x0: torch.Tensor  # [N, C, h, w] scaled VAE latents of the stills (the 'video' every frame repeats)
+    embeds: torch.Tensor  # [N, 1, D] CLIP image embeddings
+    image_latents: torch.Tensor  # [N, C, h, w] VAE latents of the noise-augmented stills (unscaled, as SVD)
+    time_ids: torch.Tensor  # [N, 3]
+
+
+def image_files(folder: Path) -> list[Path]:
+    from animate_cli.media import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise AnimateError(f"images folder {folder} not found")
+    if not folder.is_dir():
+        raise AnimateError(f"{folder} is not a folder; give a folder of still images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise AnimateError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def resolve_geometry(c: DistillConfig, model) -> DistillConfig:
+    """Width, height and frames filled in from the model where not given, checked against its multiple."""
+    import dataclasses
+
+    w, h = c.width, c.height
+    if w is None or h is None:
+        nw, nh = model.native_size
+        w, h = (w or max(nw, nh)), (h or min(nw, nh))
+    m = model.size_multiple
+    if w % m or h % m or w <= 0 or h <= 0:
+        raise AnimateError(f"size {w}x{h}: width and height must be positive multiples of {m} for this model")
+    return dataclasses.replace(c, width=w, height=h, frames=c.frames or model.frames)
+
+
+@torch.no_grad()
+def encode_images(model, files: list[Path], c: DistillConfig) -> Data:
+    from animate_cli.media import fit_image, load_image
+    from animate_cli.pipeline import Settings, encode, make_generators, preprocess
+
+    settings = Settings(width=c.width, height=c.height, frames=c.frames, steps=c.base_steps, fps=c.fps,
+                        motion=c.motion, noise_aug=c.noise_aug, min_guidance=c.min_guidance,
+                        max_guidance=c.guidance_range[1], decode_chunk=1, sampler=FINAL_SAMPLER, schedule=c.schedule)
+    parts = {"x0": [], "embeds": [], "image_latents": [], "time_ids": []}
+    sf = model.vae.config.scaling_factor
+    for i, path in enumerate(files):
+        image = fit_image(load_image(path), (c.width, c.height), "crop")
+        pixels, clip_pixels = preprocess(model, [image])
+        cond = encode(model, pixels, clip_pixels, settings, make_generators([c.seed + i], model.device))
+        x0 = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.mode() * sf
+        parts["x0"].append(x0.float())
+        parts["embeds"].append(cond.image_embeds)
+        parts["image_latents"].append(cond.image_latents)
+        parts["time_ids"].append(cond.added_time_ids)
+    return Data([p.name for p in files], **{k: torch.cat(v) for k, v in parts.items()})
+
+
+# ---------------------------------------------------------------- the UNet as an EDM v-model
+def unet_v(unet, z, sigma, embeds, latents, time_ids, dtype) -> torch.Tensor:
+    """SVD's UNet output v (float32) at noisy latents z [B, F, C, h, w], sigma [B]; latents [B, F, C, h, w]."""
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x_in = (z / (s**2 + 1).sqrt()).to(dtype)
+    c_noise = 0.25 * sigma.log()
+    v = unet(torch.cat([x_in, latents.to(dtype)], dim=2), c_noise, encoder_hidden_states=embeds.to(dtype),
+             added_time_ids=time_ids.to(dtype), return_dict=False)[0]
+    return v.float()
+
+
+def x0_from_v(z, sigma, v):
+    s = sigma.view(-1, 1, 1, 1, 1)
+    return z / (s**2 + 1) - s / (s**2 + 1).sqrt() * v
+
+
+def v_from_x0(z, sigma, x0):
+    """The v for which the EDM denoiser gives x0 at (z, sigma)."""
+    s = sigma.view(-1, 1, 1, 1, 1)
+    return (x0 - z / (s**2 + 1)) / (-s / (s**2 + 1).sqrt())
+
+
+def frame_scales(w: torch.Tensor, min_guidance: float, frames: int) -> torch.Tensor:
+    """[B, F, 1, 1, 1]: SVD's per-frame guidance, linear from min_guidance (first frame) to w (last)."""
+    ramp = torch.linspace(0, 1, frames, device=w.device)
+    return (min_guidance + (w[:, None] - min_guidance) * ramp[None]).view(len(w), frames, 1, 1, 1)
+
+
+def guided_teacher_v(unet, batch: Batch, z, sigma, min_guidance: float, dtype) -> torch.Tensor:
+    """The teacher's classifier-free-guided v: one call on a batch of two halves (uncond: zero embedding and zero
+    image latent), as animate_cli.pipeline.make_denoiser does, with per-video w."""
+    two = lambda t: torch.cat([t, t])  # noqa: E731
+    v = unet_v(unet, two(z), two(sigma), torch.cat([torch.zeros_like(batch.embeds), batch.embeds]),
+               torch.cat([torch.zeros_like(batch.latents), batch.latents]), two(batch.time_ids), dtype)
+    v_uncond, v_cond = v.chunk(2)
+    return v_uncond + frame_scales(batch.w, min_guidance, z.shape[1]) * (v_cond - v_uncond)
+
+
+def student_v(student, batch: Batch, z, sigma, dtype) -> torch.Tensor:
+    set_guidance(student, batch.w)
+    return unet_v(student, z, sigma, batch.embeds, batch.latents, batch.time_ids, dtype)
+
+
+# ---------------------------------------------------------------- batches
+@dataclass
+class Batch:
+    index: torch.Tensor  # [B] image indices
+    w: torch.Tensor  # [B] guidance (max_guidance) per video
+    k: torch.Tensor  # [B] index of sigma on the student's grid
+    sigma: torch.Tensor  # [B]
+    z: torch.Tensor  # [B, F, C, h, w] noisy latents
+    embeds: torch.Tensor
+    latents: torch.Tensor  # [B, F, C, h, w] image latents on every frame
+    time_ids: torch.Tensor
+
+
+def step_generator(c: DistillConfig, global_step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(c.seed * 1_000_003 + global_step)
+
+
+def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
+    """Images, w, sigma (uniform over the grid's non-zero points) and noise for one step; a function of
+    (seed, global_step) alone."""
+    g = step_generator(c, global_step)
+    b, n = c.batch_size, len(data.names)
+    index = torch.randint(n, (b,), generator=g)
+    lo, hi = c.guidance_range
+    w = lo + (hi - lo) * torch.rand(b, generator=g)
+    k = torch.randint(len(sigmas) - 1, (b,), generator=g)
+    sigma = sigmas[k].float()
+    x0 = data.x0[index.to(data.x0.device)].to(device)
+    x0 = x0.unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
+    eps = torch.randn(x0.shape, generator=g).to(device)
+    z = x0 + sigma.to(device).view(-1, 1, 1, 1, 1) * eps
+    i = index.to(data.embeds.device)
+    latents = data.image_latents[i].to(device).float().unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
+    embeds = data.embeds[i].to(device).float()
+    return Batch(index=index, w=w.to(device), k=k, sigma=sigma.to(device), z=z, embeds=embeds, latents=latents,
+                 time_ids=data.time_ids[i].to(device).float())
+
+
+# ---------------------------------------------------------------- targets and loss
+@torch.no_grad()
+def stage1_target(s: Session, batch: Batch) -> torch.Tensor:
+    with s.autocast():
+        return guided_teacher_v(s.teacher, batch, batch.z, batch.sigma, s.config.min_guidance, s.teacher_dtype)
+
+
+@torch.no_grad()
+def stage2_target(s: Session, batch: Batch) -> torch.Tensor:
+    """Two DDIM steps of the previous student from (z, s_k) on its grid -> the x0 one student step needs -> v."""
+    c = s.config
+    teacher_grid = grid(c, s.scheduler_config, c.student_steps(s.phase - 1)).to(s.device)
+    k = batch.k.to(s.device)
+    s0, s1, s2 = teacher_grid[2 * k], teacher_grid[2 * k + 1], teacher_grid[2 * k + 2]
+    z = batch.z
+    with s.autocast():
+        d0 = x0_from_v(z, s0, student_v(s.teacher, batch, z, s0, s.teacher_dtype))
+        z1 = d0 + (s1 / s0).view(-1, 1, 1, 1, 1) * (z - d0)
+        d1 = x0_from_v(z1, s1, student_v(s.teacher, batch, z1, s1, s.teacher_dtype))
+    z2 = d1 + (s2 / s1).view(-1, 1, 1, 1, 1) * (z1 - d1)
+    ratio = (s2 / s0).view(-1, 1, 1, 1, 1)  # 0 on the last step: the target is z2 itself
+    target_x0 = (z2 - ratio * z) / (1 - ratio)
+    return v_from_x0(z, s0, target_x0)
+
+
+def batch_loss(s: Session, batch: Batch) -> torch.Tensor:
+    target = stage1_target(s, batch) if s.phase == 0 else stage2_target(s, batch)
+    with s.autocast():
+        v = student_v(s.student, batch, batch.z, batch.sigma, torch.float32)
+    return F.mse_loss(v, target)
+
+
+# ---------------------------------------------------------------- session
+@dataclass
+class Session:
+    config: DistillConfig
+    workdir: Path
+    device: torch.device
+    data: Data
+    scheduler_config: dict
+    base_unet: torch.nn.Module | None  # the original teacher (phase 0)
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    phase: int = 0
+    step: int = 0  # within the phase
+    global_step: int = 0
+    teacher_dtype: torch.dtype = torch.float32
+    last_loss: float | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.phase > self.config.rounds
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The current student's grid."""
+        return grid(self.config, self.scheduler_config, self.config.student_steps(min(self.phase, self.config.rounds)))
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def phase_name(c: DistillConfig, phase: int) -> str:
+    if phase == 0:
+        return f"stage 1: guidance, {c.student_steps(0)} steps"
+    return f"stage 2 round {phase}/{c.rounds}: {c.student_steps(phase - 1)} -> {c.student_steps(phase)} steps"
+
+
+def phase_folder(workdir: Path, phase: int) -> Path:
+    return Path(workdir) / f"phase-{phase}"
+
+
+def new_optimizer(c: DistillConfig, student) -> torch.optim.Optimizer:
+    guidance = [p for n, p in student.named_parameters() if n.startswith("add_embedding.mlp.")]
+    ids = {id(p) for p in guidance}
+    rest = [p for p in student.parameters() if id(p) not in ids]
+    return torch.optim.AdamW([{"params": rest, "lr": c.lr},
+                              {"params": guidance, "lr": c.lr * c.guidance_lr_mult}],
+                             weight_decay=c.weight_decay)
+
+
+def open_session(options: dict, images: Path, workdir: Path, device: torch.device) -> Session:
+    """Load the model, encode the images, and build the student: fresh (DistillConfig(**options)), or resumed
+    from WORKDIR/checkpoint.pt, whose config then wins; `options` (what the user gave) may only change the step
+    counts of phases not yet finished."""
+    from animate_cli.models import load_model
+
+    workdir = Path(workdir)
+    files = image_files(images)
+    if workdir.exists() and not workdir.is_dir():
+        raise AnimateError(f"--workdir {workdir} is a file; give a folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved = load_checkpoint_data(workdir)
+    if saved is not None:
+        c = merge_config(DistillConfig.from_dict(saved["config"]), options, saved["phase"])
+    else:
+        c = DistillConfig(**options)
+    check_config(c)
+    model = load_model(c.model, torch.float32, device, progress=True)
+    c = resolve_geometry(c, model)
+    data = encode_images(model, files, c)
+    if saved is not None and saved["images"] != data.names:
+        raise AnimateError(f"{workdir / CHECKPOINT} was trained on other images ({len(saved['images'])} files); "
+                           "give the same folder, or another --workdir")
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    student = make_student(model.unet).float().train().requires_grad_(True)
+    base = torch.nn.Module.to(model.unet, dtype=teacher_dtype).eval().requires_grad_(False)  # no diffusers warning
+    sigma_range = {k: float(model.scheduler_config[k]) for k in ("sigma_min", "sigma_max")}
+    del model
+    if c.gradient_checkpointing or (c.gradient_checkpointing is None and device.type == "cuda"):
+        student.enable_gradient_checkpointing()
+    s = Session(config=c, workdir=workdir, device=device, data=data, scheduler_config=sigma_range,
+                base_unet=base, student=student, teacher_dtype=teacher_dtype)
+    s.extras["model_source"] = c.model
+    s.optimizer = new_optimizer(c, student)
+    if saved is not None:
+        restore(s, saved)
+    load_teacher(s)
+    return s
+
+
+def load_teacher(s: Session) -> None:
+    """Phase 0: the original UNet; phase r: the student that phase r - 1 saved (frozen, in the teacher dtype)."""
+    if s.done:
+        s.teacher = None
+    elif s.phase == 0:
+        s.teacher = s.base_unet
+    else:
+        s.teacher, _ = load_student(phase_folder(s.workdir, s.phase - 1), s.teacher_dtype, s.device)
+        s.base_unet = None  # not needed any more
+
+
+STEP_COUNTS = ("stage1_steps", "round_steps")
+
+
+def merge_config(saved: DistillConfig, options: dict, phase: int) -> DistillConfig:
+    """The checkpoint's config; a resumed run may change only the step counts of phases not yet finished."""
+    import dataclasses
+
+    changes = {}
+    for name, new in options.items():
+        old = getattr(saved, name)
+        if isinstance(old, tuple):
+            new = tuple(new)
+        if new == old:
+            continue
+        if name not in STEP_COUNTS:
+            raise AnimateError(f"{flag(name)} {new} differs from the run in this workdir ({old}); "
+                               "use another --workdir to start over")
+        finished = phase > 0 if name == "stage1_steps" else phase > saved.rounds
+        if finished:
+            raise AnimateError(f"{flag(name)}: its phase is finished in this workdir (was {old}); "
+                               "use another --workdir to start over")
+        changes[name] = new
+    return dataclasses.replace(saved, **changes)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------- checkpoints
+def checkpoint_path(workdir: Path) -> Path:
+    return Path(workdir) / CHECKPOINT
+
+
+def load_checkpoint_data(workdir: Path) -> dict | None:
+    path = checkpoint_path(workdir)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user problem
+        raise AnimateError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start over") from None
+
+
+def save_checkpoint(s: Session) -> Path:
+    path = checkpoint_path(s.workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = {"torch": torch.get_rng_state()}
+    if s.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(s.device)
+    data = {
+        "config": asdict(s.config),
+        "images": s.data.names,
+        "phase": s.phase,
+        "step": s.step,
+        "global_step": s.global_step,
+        "last_loss": s.last_loss,
+        "student": s.student.state_dict(),
+        "optimizer": s.optimizer.state_dict() if s.optimizer is not None else None,
+        "rng": rng,
+    }
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(data, tmp)
+    tmp.replace(path)  # a crash mid-save leaves the previous checkpoint intact
+    return path
+
+
+def restore(s: Session, data: dict) -> None:
+    s.phase, s.step, s.global_step = data["phase"], data["step"], data["global_step"]
+    s.last_loss = data.get("last_loss")
+    s.student.load_state_dict(data["student"], strict=True)
+    if data.get("optimizer") is not None:
+        s.optimizer.load_state_dict(data["optimizer"])
+    torch.set_rng_state(data["rng"]["torch"])
+    if "cuda" in data["rng"] and s.device.type == "cuda":
+        torch.cuda.set_rng_state(data["rng"]["cuda"], s.device)
+    trim_loss_log(s.workdir, s.global_step)
+
+
+def trim_loss_log(workdir: Path, global_step: int) -> None:
+    """Drop loss lines past the checkpoint: they will be written again by the resumed run."""
+    path = Path(workdir) / LOSS_LOG
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["global_step"] <= global_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+# ---------------------------------------------------------------- training
+def train_step(s: Session, batch: Batch | None = None) -> float:
+    """One optimizer step on `batch` (default: the step's own batch); advances the counters."""
+    c = s.config
+    if batch is None:
+        batch = draw_batch(c, s.data, s.sigmas, s.global_step + 1, s.device)
+    s.student.train()
+    loss = batch_loss(s, batch)
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if c.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.student.parameters(), c.grad_clip)
+    s.optimizer.step()
+    s.step += 1
+    s.global_step += 1
+    s.last_loss = loss.item()
+    s.extras["last_batch"] = {"sigma": batch.sigma.mean().item(), "w": batch.w.mean().item()}
+    return s.last_loss
+
+
+def sampler_config(s: Session, phase: int) -> dict:
+    """What student.json records for the student at the end of `phase` (read by a preset)."""
+    c = s.config
+    steps = c.student_steps(phase)
+    return {
+        "steps": steps,
+        "sampler": FINAL_SAMPLER,
+        "sigmas": [float(x) for x in grid(c, s.scheduler_config, steps)],
+        "schedule": {"name": c.schedule, "base_steps": c.base_steps, "stride": c.base_steps // steps,
+                     **s.scheduler_config},
+        "guidance": {"embedding_input": "max_guidance", "min_guidance": c.min_guidance,
+                     "max_guidance_range": list(c.guidance_range), "passes": 1},
+        "conditioning": {"fps": c.fps, "motion": c.motion, "noise_aug": c.noise_aug, "frames": c.frames,
+                         "width": c.width, "height": c.height},
+        "teacher": s.extras.get("model_source", c.model),
+        "distillation": {"phase": phase, "stage1_steps": c.stage1_steps, "round_steps": c.round_steps,
+                         "rounds": c.rounds, "batch_size": c.batch_size, "lr": c.lr, "images": len(s.data.names),
+                         "global_step": s.global_step},
+    }
+
+
+def end_phase(s: Session, log) -> None:
+    folder = save_student(s.student, phase_folder(s.workdir, s.phase), sampler_config(s, s.phase))
+    log(f"{phase_name(s.config, s.phase)} done at step {s.global_step}: saved {folder}")
+    s.phase += 1
+    s.step = 0
+    s.optimizer = new_optimizer(s.config, s.student)
+    save_checkpoint(s)
+    load_teacher(s)
+
+
+def run(s: Session, checkpoint_every: int = 100, log_every: int = 10, log=print, progress=None,
+        until: int | None = None, step_lines: bool = True) -> Session:
+    """Train every phase to its end (or until global step `until`), checkpointing as it goes. `log` gets phase
+    events, and a loss line every `log_every` steps when `step_lines`; `progress(name, step, total, loss=None)`
+    follows every step."""
+    loss_file = (s.workdir / LOSS_LOG).open("a")
+    start, start_step, recent = time.perf_counter(), s.global_step, []
+    try:
+        while not s.done and (until is None or s.global_step < until):
+            c = s.config
+            total = c.phase_steps(s.phase)
+            if s.step >= total:
+                end_phase(s, log)
+                continue
+            if progress is not None:
+                progress(phase_name(c, s.phase), s.step, total)
+            loss = train_step(s)
+            recent.append(loss)
+            extra = s.extras["last_batch"]
+            loss_file.write(json.dumps({"global_step": s.global_step, "phase": s.phase,
+                                        "stage": 1 if s.phase == 0 else 2, "round": s.phase, "step": s.step,
+                                        "loss": loss, "sigma": extra["sigma"], "w": extra["w"],
+                                        "lr": c.lr, "time": round(time.time(), 3)}) + "\n")
+            loss_file.flush()
+            if progress is not None:
+                progress(phase_name(c, s.phase), s.step, total, loss)
+            if step_lines and (s.step % log_every == 0 or s.step == total):
+                rate = (s.global_step - start_step) / max(time.perf_counter() - start, 1e-9)
+                log(f"{phase_name(c, s.phase)}: step {s.step}/{total} loss {sum(recent) / len(recent):.5f} "
+                    f"({rate:.2f} steps/s)")
+                recent = []
+            if s.global_step % checkpoint_every == 0:
+                save_checkpoint(s)
+    finally:
+        loss_file.close()
+    save_checkpoint(s)
+    return s
+
+
+def export(s: Session, folder: Path, dtype: torch.dtype | None = torch.float16) -> Path:
+    """The final student (the last phase's) as a student folder a preset reads."""
+    if not s.done:
+        raise AnimateError(f"nothing to export yet: the run is in {phase_name(s.config, s.phase)}")
+    return save_student(s.student, folder, sampler_config(s, s.config.rounds), dtype=dtype)

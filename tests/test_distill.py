@@ -1,0 +1,353 @@
+"""Guidance/step distillation (animate_cli.distill), the guidance-conditioned student (animate_cli.student), the
+AnimateLCM consistency sampler, and `animate distill`. Everything on random:tiny at 32x32, 2 frames, a few steps."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from animate_cli import distill
+from animate_cli.errors import AnimateError
+from animate_cli.sampling import SAMPLERS, SCHEDULES, animatelcm_sigmas, sample_animatelcm
+from animate_cli.student import (
+    load_animatelcm_unet,
+    load_student,
+    make_student,
+    save_student,
+    set_guidance,
+)
+from tests.conftest import assert_user_error
+
+OPTIONS = dict(model="random:tiny", width=32, height=32, frames=2, stage1_steps=2, round_steps=2, rounds=1,
+               final_steps=2, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    from animate_cli.models import build_random
+
+    return build_random("tiny", torch.float32, torch.device("cpu")).unet
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "stills"
+    folder.mkdir()
+    for i in range(3):
+        pixels = (np.random.RandomState(i).rand(40, 48, 3) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"still{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def unet_inputs(b: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(b, 2, 8, 8, 8, generator=g)
+    t = torch.full((b,), 0.3)
+    embeds = torch.randn(b, 1, 32, generator=g)
+    ids = torch.tensor([[6.0, 127.0, 0.02]]).expand(b, 3)
+    return sample, t, embeds, ids
+
+
+def call(unet, inputs):
+    sample, t, embeds, ids = inputs
+    with torch.no_grad():
+        return unet(sample, t, encoder_hidden_states=embeds, added_time_ids=ids, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------- the student
+def test_untrained_student_equals_teacher_for_any_w(tiny_unet):
+    student = make_student(tiny_unet)
+    inputs = unet_inputs()
+    expected = call(tiny_unet, inputs)
+    for w in (torch.tensor([1.0, 3.0]), torch.tensor([0.0, 17.5]), torch.tensor([2.2])):
+        set_guidance(student, w)
+        assert torch.equal(call(student, inputs), expected)
+    # the embedding is wired in: once its last layer is not zero, w changes the output
+    with torch.no_grad():
+        student.add_embedding.mlp[2].weight.normal_(0, 0.1)
+    set_guidance(student, torch.tensor([1.0, 1.0]))
+    a = call(student, inputs)
+    set_guidance(student, torch.tensor([1.0, 3.0]))
+    b = call(student, inputs)
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    assert "add_embedding.mlp.0.weight" not in tiny_unet.state_dict()  # the teacher is untouched
+
+
+def test_student_without_guidance_scale_is_an_error(tiny_unet):
+    student = make_student(tiny_unet)
+    with pytest.raises(RuntimeError, match="set_guidance"):
+        call(student, unet_inputs())
+
+
+def test_save_and_load_student_round_trip(tiny_unet, tmp_path):
+    student = make_student(tiny_unet)
+    with torch.no_grad():
+        for p in student.add_embedding.mlp.parameters():
+            p.normal_(0, 0.05)
+        student.conv_in.weight.mul_(1.01)
+    config = {"steps": 8, "sampler": "euler", "sigmas": [700.0, 1.0, 0.0], "teacher": "random:tiny",
+              "guidance": {"min_guidance": 1.0, "max_guidance_range": [1.0, 3.0]}}
+    folder = save_student(student, tmp_path / "student", config)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == ["guidance_embedding.safetensors", "student.json", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors"]
+    loaded, meta = load_student(folder, torch.float32, "cpu")
+    assert meta["kind"] == "guidance-distilled" and meta["steps"] == 8 and meta["teacher"] == "random:tiny"
+    inputs = unet_inputs()
+    w = torch.tensor([1.5, 2.5])
+    set_guidance(student, w)
+    set_guidance(loaded, w)
+    assert torch.equal(call(student, inputs), call(loaded, inputs))
+    # the unet/ folder is a stock diffusers UNet (no guidance keys)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")).keys()
+    assert not any("mlp" in k or ".orig." in k for k in keys)
+
+
+def test_load_student_rejects_a_folder_that_is_not_one(tmp_path):
+    with pytest.raises(AnimateError, match="not a distilled student folder"):
+        load_student(tmp_path)
+
+
+def test_check_compatible_names_the_architecture_difference(tiny_unet):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from animate_cli.student import check_compatible
+
+    check_compatible(make_student(tiny_unet), tiny_unet)
+    other = UNetSpatioTemporalConditionModel.from_config({**tiny_unet.config, "num_frames": 6})
+    with pytest.raises(AnimateError, match="num_frames: 4 vs 6"):
+        check_compatible(make_student(tiny_unet), other)
+
+
+def test_load_animatelcm_unet_loads_and_checks_keys(tiny_unet, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() * 1.5 for k, v in tiny_unet.state_dict().items()}
+    good = tmp_path / "AnimateLCM-SVD-xt.safetensors"
+    save_file(state, str(good))
+    unet = load_animatelcm_unet(good, tiny_unet)
+    assert torch.equal(unet.conv_in.weight, tiny_unet.conv_in.weight * 1.5)
+    assert unet is not tiny_unet
+
+    wrong = dict(state)
+    wrong["not.a.unet.key"] = wrong.pop("conv_in.weight")
+    bad = tmp_path / "bad.safetensors"
+    save_file(wrong, str(bad))
+    with pytest.raises(AnimateError, match=r"not an SVD-XT UNet state dict.*1 missing \(e\.g\. conv_in\.weight\)"
+                                           r".*1 unexpected \(e\.g\. not\.a\.unet\.key\)"):
+        load_animatelcm_unet(bad, tiny_unet)
+    shaped = dict(state)
+    shaped["conv_in.bias"] = torch.zeros(3)
+    save_file(shaped, str(bad))
+    with pytest.raises(AnimateError, match="wrong shape.*conv_in.bias"):
+        load_animatelcm_unet(bad, tiny_unet)
+    pickle = tmp_path / "x.ckpt"
+    pickle.write_text("x")
+    with pytest.raises(AnimateError, match="only .safetensors"):
+        load_animatelcm_unet(pickle, tiny_unet)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    """(model, conditioning of one 32x32 still, settings factory) from random:tiny, as the pipeline builds them."""
+    from animate_cli.models import build_random
+    from animate_cli.pipeline import Settings, encode, make_generators, preprocess
+
+    model = build_random("tiny", torch.float32, torch.device("cpu"))
+    image = Image.fromarray((np.random.RandomState(5).rand(32, 32, 3) * 255).astype(np.uint8))
+
+    def settings(min_guidance: float = 1.0, max_guidance: float = 1.0):
+        return Settings(width=32, height=32, frames=2, steps=2, fps=7, motion=127, noise_aug=0.02,
+                        min_guidance=min_guidance, max_guidance=max_guidance, decode_chunk=2, sampler="euler",
+                        schedule="karras")
+
+    with torch.no_grad():
+        pixels, clip_pixels = preprocess(model, [image])
+        cond = encode(model, pixels, clip_pixels, settings(), make_generators([0], model.device))
+    return model, cond, settings
+
+
+def test_student_denoiser_is_one_pass_and_equals_the_pipelines_untrained(tiny_setup):
+    import dataclasses
+
+    from animate_cli.pipeline import make_denoiser
+    from animate_cli.student import make_student_denoiser
+    from animate_cli.timing import StageTimer
+
+    model, cond, settings = tiny_setup
+    student_model = dataclasses.replace(model, unet=make_student(model.unet))
+    x = torch.randn(1, 2, 4, 16, 16, generator=torch.Generator().manual_seed(1)) * 3
+    sigma = torch.tensor(3.0)
+    timer = StageTimer(torch.device("cpu"))
+    with torch.no_grad():
+        ours = make_student_denoiser(student_model, cond, settings(1.0, 2.5), timer)(x, sigma)
+        theirs = make_denoiser(model, cond, settings(1.0, 1.0))(x, sigma)  # unguided: the student's untrained self
+    assert torch.equal(ours, theirs)
+    assert (timer.unet_calls, timer.unet_passes) == (1, 1)
+    out = SAMPLERS["euler"](make_student_denoiser(student_model, cond, settings(1.0, 2.5)), x * 200,
+                            torch.tensor([700.0, 1.0, 0.0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_guided_teacher_target_is_the_pipelines_guidance(tiny_setup):
+    from animate_cli.pipeline import make_denoiser
+
+    model, cond, settings = tiny_setup
+    z = torch.randn(1, 2, 4, 16, 16, generator=torch.Generator().manual_seed(2)) * 3
+    sigma = torch.tensor([3.0])
+    latents = cond.image_latents.unsqueeze(1).expand(-1, 2, -1, -1, -1)
+    batch = distill.Batch(index=torch.tensor([0]), w=torch.tensor([2.5]), k=torch.tensor([0]), sigma=sigma, z=z,
+                          embeds=cond.image_embeds, latents=latents, time_ids=cond.added_time_ids)
+    with torch.no_grad():
+        v = distill.guided_teacher_v(model.unet, batch, z, sigma, 1.0, torch.float32)
+        expected = make_denoiser(model, cond, settings(1.0, 2.5))(z, sigma[0])
+    assert torch.allclose(distill.x0_from_v(z, sigma, v), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the AnimateLCM sampler
+def test_animatelcm_schedule_is_the_consistency_schedulers():
+    sigmas = animatelcm_sigmas(4, 0.002, 700.0)
+    lo, hi = 0.002 ** (1 / 7), 700.0 ** (1 / 7)
+    expected = [(hi + r * (lo - hi)) ** 7 for r in (0, 10 / 39, 20 / 39, 30 / 39)] + [0.0]
+    assert torch.allclose(sigmas, torch.tensor(expected, dtype=torch.float32))
+    assert SCHEDULES["animatelcm"] is animatelcm_sigmas and SAMPLERS["animatelcm"] is sample_animatelcm
+
+
+def test_animatelcm_sampler_matches_a_hand_computed_two_step_trajectory():
+    def toy(x, sigma):  # a toy denoiser D(x, s) = x / (1 + s^2) + 0.1
+        return x / (1 + sigma**2) + 0.1
+
+    x = torch.tensor([[1.0, -2.0, 0.5]])
+    sigmas = torch.tensor([2.0, 0.5, 0.0])
+    seen = []
+    out = sample_animatelcm(toy, x, sigmas, callback=lambda info: seen.append(info["i"]),
+                            generator=torch.Generator().manual_seed(7))
+    # by hand: step 1 denoises at 2.0 and renoises to 0.5 with fresh noise; step 2 (the last) denoises only
+    z = torch.randn(1, 3, generator=torch.Generator().manual_seed(7))
+    d0 = [1.0 / 5 + 0.1, -2.0 / 5 + 0.1, 0.5 / 5 + 0.1]
+    x1 = [d0[j] + 0.5 * z[0, j].item() for j in range(3)]
+    expected = torch.tensor([[v / 1.25 + 0.1 for v in x1]])
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert seen == [0, 1]
+    # s_noise scales the fresh noise; one generator per video gives each video its own noise
+    half = sample_animatelcm(toy, x, sigmas, generator=torch.Generator().manual_seed(7), s_noise=0.0)
+    assert torch.allclose(half, torch.tensor([[v / 1.25 + 0.1 for v in d0]]), atol=1e-6)
+    pair = sample_animatelcm(toy, torch.cat([x, x]), sigmas,
+                             generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+    assert torch.allclose(pair[0], out[0]) and not torch.allclose(pair[1], out[0])
+
+
+# ---------------------------------------------------------------- distillation
+def test_stage1_steps_lower_the_loss_on_a_fixed_batch(images, tmp_path):
+    s = distill.open_session(dict(OPTIONS, stage1_steps=10, batch_size=2), images, tmp_path / "work",
+                             torch.device("cpu"))
+    assert s.data.names == ["still0.png", "still1.png", "still2.png"]
+    assert s.data.x0.shape == (3, 4, 16, 16)
+    batch = distill.draw_batch(s.config, s.data, s.sigmas, 1, s.device)
+    batch.k[:] = 2  # a middle noise level (2.27 on the 4-step base grid from 700 to 0.002), fresh noise
+    batch.sigma = s.sigmas[2].repeat(2)
+    eps = torch.randn(batch.z.shape, generator=torch.Generator().manual_seed(3))
+    batch.z = s.data.x0[batch.index].unsqueeze(1) + batch.sigma.view(-1, 1, 1, 1, 1) * eps
+    batch.w = torch.tensor([2.0, 3.0])
+    with torch.no_grad():
+        first = distill.batch_loss(s, batch).item()
+    assert first > 0  # the untrained student is the unguided teacher: it misses guidance
+    losses = [distill.train_step(s, batch) for _ in range(6)]
+    with torch.no_grad():
+        last = distill.batch_loss(s, batch).item()
+    assert losses[0] == pytest.approx(first, rel=1e-5)
+    assert last < 0.5 * first, (first, losses, last)
+
+
+def test_stage2_target_is_where_two_teacher_steps_land(images, tmp_path):
+    s = distill.open_session(OPTIONS, images, tmp_path / "work", torch.device("cpu"))
+    distill.run(s, until=2, log=lambda m: None)
+    distill.end_phase(s, log=lambda m: None)  # stage 1 done: phase 1, teacher = phase-0 student
+    assert s.phase == 1 and s.teacher is not None
+    c = s.config
+    student_grid = distill.grid(c, s.scheduler_config, c.student_steps(1))  # 2 steps
+    teacher_grid = distill.grid(c, s.scheduler_config, c.student_steps(0))  # 4 steps
+    assert torch.equal(student_grid, teacher_grid[::2])
+    batch = distill.draw_batch(c, s.data, student_grid, 5, s.device)
+    target_v = distill.stage2_target(s, batch)
+    # one DDIM step with the target's x0 lands where two teacher DDIM steps land
+    x0 = distill.x0_from_v(batch.z, batch.sigma, target_v)
+    k = batch.k
+    s0, s2 = student_grid[k], student_grid[k + 1]
+    one = x0 + (s2 / s0).view(-1, 1, 1, 1, 1) * (batch.z - x0)
+
+    def ddim(z, a, b):
+        with torch.no_grad():
+            d = distill.x0_from_v(z, a, distill.student_v(s.teacher, batch, z, a, torch.float32))
+        return d + (b / a).view(-1, 1, 1, 1, 1) * (z - d)
+
+    mid = teacher_grid[2 * k + 1]
+    two = ddim(ddim(batch.z, s0, mid), mid, s2)
+    assert torch.allclose(one, two, atol=1e-4 * (1 + two.abs().max().item()))
+
+
+def test_checkpoint_resumes_to_the_same_state(images, tmp_path):
+    work = tmp_path / "work"
+    s = distill.open_session(OPTIONS, images, work, torch.device("cpu"))
+    distill.run(s, until=3, checkpoint_every=100, log=lambda m: None)  # stage 1 (2 steps), then 1 of round 1
+    assert (s.phase, s.step, s.global_step) == (1, 1, 3)
+    weights = {k: v.clone() for k, v in s.student.state_dict().items()}
+    resumed = distill.open_session(OPTIONS, images, work, torch.device("cpu"))
+    assert (resumed.phase, resumed.step, resumed.global_step) == (1, 1, 3)
+    state = resumed.student.state_dict()
+    assert all(torch.equal(weights[k], state[k]) for k in weights)
+    assert distill.train_step(resumed) == distill.train_step(s)  # the next loss, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(s.student.parameters(), resumed.student.parameters(), strict=True))
+    log = [json.loads(line) for line in (work / distill.LOSS_LOG).read_text().splitlines()]
+    assert [e["global_step"] for e in log] == [1, 2, 3]
+    assert all(math.isfinite(e["loss"]) for e in log)
+
+
+# ---------------------------------------------------------------- the command
+def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
+    work, student = tmp_path / "work", tmp_path / "student"
+    args = ["distill", images, "--model", "random:tiny", "--workdir", work, "--stage1-steps", "2", "--round-steps",
+            "2", "--rounds", "1", "--final-steps", "2", "--size", "32x32", "--frames", "2", "--device", "cpu",
+            "--lr", "1e-4", "--out", student]
+    result = cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip().endswith("student")
+    files = sorted(str(p.relative_to(student)) for p in student.rglob("*") if p.is_file())
+    assert files == ["guidance_embedding.safetensors", "student.json", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors"]
+    meta = json.loads((student / "student.json").read_text())
+    assert meta["steps"] == 2 and meta["sampler"] == "euler" and len(meta["sigmas"]) == 3
+    assert meta["sigmas"][-1] == 0.0 and meta["teacher"] == "random:tiny"
+    assert meta["guidance"]["embedding_input"] == "max_guidance"
+    assert len((work / "loss.jsonl").read_text().splitlines()) == 4
+    assert (work / "phase-0" / "student.json").is_file() and (work / "phase-1" / "student.json").is_file()
+    loaded, _ = load_student(student, torch.float32, "cpu")
+    assert loaded.dtype == torch.float32
+
+    again = cli(*args)  # finished: resumes, trains nothing, exports again
+    assert again.exit_code == 0, again.stderr
+    assert "resumed at step 4" in again.text
+    assert len((work / "loss.jsonl").read_text().splitlines()) == 4
+
+    changed = cli(*args[:-2], "--lr", "0.5")
+    assert_user_error(changed, "--lr 0.5 differs from the run in this workdir")
+
+
+def test_cli_distill_bad_input_is_one_line(cli, tmp_path):
+    assert_user_error(cli("distill", tmp_path / "nope", "--workdir", tmp_path / "w", "--device", "cpu"),
+                      "not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(cli("distill", empty, "--workdir", tmp_path / "w", "--device", "cpu"), "holds no images")
+    (tmp_path / "one.png").write_bytes(b"")
+    assert_user_error(cli("distill", tmp_path / "one.png", "--workdir", tmp_path / "w", "--device", "cpu"),
+                      "is not a folder")
+    (empty / "a.png").write_bytes(b"not a png")
+    assert_user_error(cli("distill", empty, "--workdir", tmp_path / "w", "--device", "cpu", "--size", "3x"),
+                      "--size '3x'")
