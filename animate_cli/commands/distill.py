@@ -8,6 +8,7 @@ import typer
 
 from animate_cli.console import out
 from animate_cli.errors import AnimateError
+from animate_cli.media import parse_size
 
 
 def distill(
@@ -83,16 +84,6 @@ def distill(
     folder = d.export(session, out_dir)
     log(f"student ({c.final_steps} steps, one pass per step) written to {folder}")
     out.result(str(folder))
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise AnimateError(f"--size {size!r}: expected WIDTHxHEIGHT, for example 1024x576") from None
-    if w <= 0 or h <= 0:
-        raise AnimateError(f"--size {size!r}: width and height must be positive")
-    return w, h
 
 
 @contextlib.contextmanager
