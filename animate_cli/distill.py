@@ -1,7 +1,7 @@
 """Guidance and step distillation of SVD into a one-pass, few-step student (Meng et al. 2023, "On Distillation of
 Guided Diffusion Models"; the step part is Salimans & Ho 2022, "Progressive Distillation").
 
-Phases, one resumable run (WORKDIR/checkpoint.pt):
+Phases, one resumable run (WORKDIR/checkpoint.safetensors):
   phase 0, stage 1 (guidance): the student (animate_cli.student: the teacher's UNet plus a zero-initialised
       guidance embedding of w) learns, in ONE pass, the teacher's classifier-free-guided output (two passes,
       uncond + cond, combined with SVD's per-frame scales rising linearly from min_guidance on the first frame
@@ -37,11 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from animate_cli.checkpoint import load_checkpoint_file, save_checkpoint_file
 from animate_cli.errors import AnimateError
 from animate_cli.sampling import SCHEDULES
 from animate_cli.student import load_student, make_student, save_student, set_guidance
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
 LOSS_LOG = "loss.jsonl"
 FINAL_SAMPLER = "euler"  # one DDIM step per grid interval: what stage 2 distils
 
@@ -342,7 +343,7 @@ def new_optimizer(c: DistillConfig, student) -> torch.optim.Optimizer:
 
 def open_session(options: dict, images: Path, workdir: Path, device: torch.device) -> Session:
     """Load the model, encode the images, and build the student: fresh (DistillConfig(**options)), or resumed
-    from WORKDIR/checkpoint.pt, whose config then wins; `options` (what the user gave) may only change the step
+    from WORKDIR/checkpoint.safetensors, whose config then wins; `options` (what the user gave) may only change the step
     counts of phases not yet finished."""
     from animate_cli.models import load_model
 
@@ -429,10 +430,7 @@ def load_checkpoint_data(workdir: Path) -> dict | None:
     path = checkpoint_path(workdir)
     if not path.is_file():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user problem
-        raise AnimateError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start over") from None
+    return load_checkpoint_file(path)
 
 
 def save_checkpoint(s: Session) -> Path:
@@ -452,9 +450,7 @@ def save_checkpoint(s: Session) -> Path:
         "optimizer": s.optimizer.state_dict() if s.optimizer is not None else None,
         "rng": rng,
     }
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(data, tmp)
-    tmp.replace(path)  # a crash mid-save leaves the previous checkpoint intact
+    save_checkpoint_file(path, data)  # atomic: a crash mid-save leaves the previous checkpoint intact
     return path
 
 

@@ -45,7 +45,7 @@ def distill(
     """Distil the model into a guidance-conditioned student that samples in one UNet pass per step and few steps
     (Meng et al. 2023): stage 1 learns classifier-free guidance, then each round halves the steps (32 -> 16 -> 8).
 
-    Resumes from WORKDIR/checkpoint.pt. Writes WORKDIR/phase-N/ after each phase, and the final student
+    Resumes from WORKDIR/checkpoint.safetensors. Writes WORKDIR/phase-N/ after each phase, and the final student
     (diffusers layout, safetensors) to --out.
     """
     from animate_cli import distill as d
