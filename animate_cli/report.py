@@ -35,7 +35,7 @@ def versions() -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads of {os.cpu_count()})"
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
