@@ -42,6 +42,7 @@ class Row:
     runs: list[dict] = field(default_factory=list)  # steady-state runs
     cold: dict | None = None  # the first run (compile included for a compiled preset)
     frames: torch.Tensor | None = None  # uint8 [F, H, W, 3] of the first run, for drift
+    heldout: dict | None = None  # error against held-out clips, for a model that ships them
 
 
 def plan_rows(presets: list[str], ablation: bool, peer: str | None, peer_dtype: str,
@@ -138,6 +139,24 @@ class Bench:
         return figures
 
 
+def heldout_quality(bench: Bench, n: int = 8) -> None:
+    """For a model that ships held-out clips (tiny-motion): each row's error against the true clips from the
+    same first frames, and the still-frame baseline's, into row.heldout."""
+    from animate_cli.quality import evaluate, heldout_spec
+
+    spec = heldout_spec(bench.model_spec)
+    if spec is None:
+        return
+    for row in bench.rows:
+        if row.unavailable is not None or row.peer is not None:
+            continue
+        model = bench.model_for(row.preset)
+        configure_backends(row.preset)
+        settings = settings_for(row.preset.replace(frames=spec["frames"]), model, spec["size"], spec["size"])
+        figures = evaluate(model, settings, n=n, spec=spec)
+        row.heldout = {"clips": figures["n"], "model": figures["model"], "still_frame": figures["still"]}
+
+
 def memory_allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
@@ -222,6 +241,8 @@ def summarise(bench: Bench) -> list[dict]:
         elif row.cold is not None:
             entry.update(cold_start_s=row.cold["total_s"], compile_s=row.cold["stages"].get("compile"),
                          repeats=0)
+        if row.heldout is not None:
+            entry["heldout"] = row.heldout
         if row.frames is not None and reference is not None and reference.frames is not None:
             if row.frames.shape == reference.frames.shape:
                 entry["drift_vs"] = reference.label

@@ -65,6 +65,7 @@ def bench(
                  f"model {model}, image {image_path}")
         b.measure(bench_run, warmup, repeats, on_run=lambda row, i, figures: out.info(
             f"  round {i + 1}: {row.label} {figures['total_s']:.2f} s"))
+        b.heldout_quality(bench_run)
         random_weights = any(m.random_weights for m in bench_run.models.values())
     summary = b.summarise(bench_run)
     head = b.header(torch_device, model, random_weights)
@@ -73,6 +74,9 @@ def bench(
         notes.append("CPU figures: absolute times say little about a GPU; compare ratios within this run")
     if random_weights:
         notes.append(RANDOM_WEIGHTS_NOTE + "; drift figures only say how far the numerics move")
+    if heldout_rows := [r for r in summary if r.get("heldout")]:
+        notes.append(f"held-out: PSNR (dB) of each row's clips against the true clips from the same first frames, "
+                     f"{heldout_rows[0]['heldout']['clips']} clips; still-frame: the first frame repeated")
     out.result(table(summary, head, notes))
     if json_path is not None:
         write_json(json_path, {"header": head, "image": str(image_path), "seed": seed, "warmup": warmup,
@@ -96,15 +100,19 @@ def title_of(head: dict) -> str:
 def table(summary: list[dict], head: dict, notes: list[str]) -> Table:
     t = Table(title=title_of(head) + (f", CUDA {head['cuda']}, driver {head['driver']}" if head.get("gpu") else ""),
               title_justify="left", caption="\n".join(notes) or None, caption_justify="left")
-    for column in ("row", "total s", "speed-up", "encode", "denoise", "decode", "write", "s/step", "passes",
-                   "cold start", "peak GiB", "PSNR dB", "SSIM"):
+    heldout = any(r.get("heldout") for r in summary)
+    columns = ["row", "total s", "speed-up", "encode", "denoise", "decode", "write", "s/step", "passes",
+               "cold start", "peak GiB", "PSNR dB", "SSIM"]
+    if heldout:
+        columns += ["held-out PSNR", "still-frame PSNR"]
+    for column in columns:
         t.add_column(column, justify="left" if column == "row" else "right")
     for r in summary:
         if not r["available"]:
-            t.add_row(r["label"], "unavailable", *[""] * 11)
+            t.add_row(r["label"], "unavailable", *[""] * (len(columns) - 2))
             continue
         if not r.get("stages"):
-            t.add_row(r["label"], "no measured run", *[""] * 11)
+            t.add_row(r["label"], "no measured run", *[""] * (len(columns) - 2))
             continue
         stages = r["stages"]
 
@@ -127,5 +135,7 @@ def table(summary: list[dict], head: dict, notes: list[str]) -> Table:
             f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-",
             "-" if d is None else ("same" if d["psnr_worst_db"] == float("inf") else f"{d['psnr_mean_db']:.1f}"),
             "-" if d is None else f"{d['ssim_mean']:.4f}",
+            *([] if not heldout else [f"{r['heldout']['model']['psnr']:.2f}" if r.get("heldout") else "-",
+                                      f"{r['heldout']['still_frame']['psnr']:.2f}" if r.get("heldout") else "-"]),
         )
     return t
