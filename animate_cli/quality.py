@@ -1,0 +1,173 @@
+"""Quality measures against held-out ground truth (models trained on animate_cli.clips, e.g. tiny-motion),
+and the distance between two sampler settings' outputs.
+
+All frames are uint8 arrays [F, H, W, 3] (or [B, F, H, W, 3]); errors are computed in [0, 1].
+- clip_error: per-frame MSE and PSNR against the true clip, and their means (PSNR of the mean MSE).
+- motion_error: the shape's centroid (its colourful pixels) in each frame against the true clip's, in pixels:
+  a still clip scores the true displacement, a clip that moves the shape where it should scores ~0.
+- still_frame_baseline: the first frame repeated (what "no motion" scores).
+- sampler_distance: RMSE / PSNR between two settings' outputs from the same seeds (same noise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from animate_cli import clips
+
+
+def heldout_clips(n: int, seed: int = 0, frames: int = 8, size: int = 32,
+                  motion: int = clips.DEFAULT_MOTION) -> list[clips.Clip]:
+    """n held-out clips (a stream disjoint from training's), each with its scene (colour, kind, path)."""
+    return clips.heldout(n, seed, frames, size, motion)
+
+
+def still_frame_baseline(first: np.ndarray, frames: int) -> np.ndarray:
+    """The first frame [H, W, 3] repeated: [F, H, W, 3]."""
+    return np.repeat(np.asarray(first)[None], frames, axis=0)
+
+
+def _unit(frames) -> np.ndarray:
+    a = np.asarray(frames)
+    return a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
+
+
+def clip_error(frames, truth) -> dict:
+    """MSE and PSNR (dB, peak 1) per frame and overall, of `frames` against `truth` (same shape)."""
+    a, b = _unit(frames), _unit(truth)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    per_frame = ((a - b) ** 2).reshape(*a.shape[:-3], -1).mean(-1)  # [..., F]
+    per_frame = per_frame.reshape(-1, a.shape[-4]).mean(0)  # averaged over clips when batched
+    mse = float(per_frame.mean())
+    return {"mse": mse, "psnr": psnr(mse), "mse_per_frame": per_frame.tolist(),
+            "psnr_per_frame": [psnr(m) for m in per_frame]}
+
+
+def psnr(mse: float) -> float:
+    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+def shape_track(frames, threshold: float = 0.35, ramp: float = 0.2) -> np.ndarray:
+    """Centroid (x, y) in pixels of the shape in each frame: [F, 2], NaN where there is none. The shape is what
+    is colourful: chroma (max - min of RGB) >= 0.6 for the clips' shapes, mostly < 0.3 for their backgrounds;
+    pixels are weighted by how far their chroma rises above `threshold` (full weight at threshold + ramp).
+    Chroma rather than the exact colour, so a model whose decoder shifts hues is still tracked."""
+    a = _unit(frames)  # [F, H, W, 3]
+    chroma = a.max(axis=-1) - a.min(axis=-1)
+    w = np.clip((chroma - threshold) / ramp, 0, 1) ** 2  # [F, H, W]
+    h, wd = a.shape[1:3]
+    ys, xs = np.mgrid[0:h, 0:wd] + 0.5
+    total = w.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = (w * xs).sum(axis=(1, 2)) / total
+        cy = (w * ys).sum(axis=(1, 2)) / total
+    track = np.stack([cx, cy], axis=-1)
+    track[total < 0.5] = np.nan  # less than half a pixel's worth of the colour: the shape is lost
+    return track
+
+
+def motion_error(frames, truth) -> dict:
+    """Centroid error of the shape (pixels) per frame, mean over frames 1.. (frame 0 is the given image),
+    and the fraction of frames where the shape was lost (counted as the frame's half-diagonal)."""
+    gen, ref = shape_track(frames), shape_track(truth)
+    size = np.asarray(frames).shape[-2]
+    err = np.linalg.norm(gen - ref, axis=-1)
+    lost = np.isnan(err)
+    err = np.where(lost, size / math.sqrt(2), err)
+    true_disp = np.linalg.norm(ref - ref[:1], axis=-1)
+    return {"centroid_error": float(err[1:].mean()), "centroid_error_per_frame": err.tolist(),
+            "lost": float(lost[1:].mean()), "true_displacement": float(np.nan_to_num(true_disp[1:]).mean())}
+
+
+def sampler_distance(a, b) -> dict:
+    """How far two outputs (same shape, e.g. two samplers from the same seeds) are: RMSE, PSNR, max |diff|."""
+    x, y = _unit(a), _unit(b)
+    mse = float(((x - y) ** 2).mean())
+    return {"rmse": math.sqrt(mse), "psnr": psnr(mse), "max_abs": float(np.abs(x - y).max())}
+
+
+# ---------------------------------------------------------------- held-out data of a model
+def packaged_folder(name: str) -> Path | None:
+    """The folder of a model shipped under animate_cli/weights/, or None."""
+    from animate_cli.models import packaged_model
+
+    return packaged_model(name)
+
+
+def heldout_spec(model) -> dict | None:
+    """The held-out data a model names in its animate.json ('heldout'), or None (no held-out data)."""
+    source = str(getattr(model, "source", model))
+    folder = packaged_folder(source) or Path(source).expanduser()
+    meta = folder / "animate.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("heldout")
+
+
+def evaluate(model, settings, n: int = 16, seed: int = 0, batch: int = 8, spec: dict | None = None,
+             seeds: list[int] | None = None) -> dict:
+    """Generate from the first frames of n held-out clips (video i with seed seeds[i], default i) and score
+    model and still-frame baseline against the true clips. Returns figures and the generated frames."""
+    import torch
+    from PIL import Image
+
+    from animate_cli.pipeline import generate
+    from animate_cli.timing import StageTimer
+
+    spec = spec or heldout_spec(model) or {}
+    size, frames = spec.get("size", settings.width), spec.get("frames", settings.frames)
+    if (settings.width, settings.height, settings.frames) != (size, size, frames):
+        raise ValueError(f"held-out clips are {size}x{size}, {frames} frames; settings are "
+                         f"{settings.width}x{settings.height}, {settings.frames} frames")
+    truth = heldout_clips(n, spec.get("seed", seed), frames, size, spec.get("motion", clips.DEFAULT_MOTION))
+    seeds = list(range(n)) if seeds is None else seeds
+    timer = StageTimer(torch.device(model.device))
+    outputs = []
+    for start in range(0, n, batch):
+        part = truth[start:start + batch]
+        images = [Image.fromarray(c.frames[0]) for c in part]
+        outputs.append(generate(model, images, seeds[start:start + batch], settings, timer).cpu().numpy())
+    generated = np.concatenate(outputs)
+    return {"n": n, "generated": generated, **score(generated, truth)}
+
+
+def score(generated: np.ndarray, truth: list[clips.Clip]) -> dict:
+    """Model and still-frame figures over clips: mean MSE, PSNR of the mean MSE, centroid error, lost."""
+    rows = {"model": [], "still": []}
+    for gen, clip in zip(generated, truth, strict=True):
+        still = still_frame_baseline(clip.frames[0], len(clip.frames))
+        for name, frames in (("model", gen), ("still", still)):
+            e, m = clip_error(frames, clip.frames), motion_error(frames, clip.frames)
+            rows[name].append((e["mse"], m["centroid_error"], m["lost"]))
+    result = {}
+    for name, values in rows.items():
+        v = np.asarray(values)
+        result[name] = {"mse": float(v[:, 0].mean()), "psnr": psnr(float(v[:, 0].mean())),
+                        "centroid_error_px": float(v[:, 1].mean()), "lost": float(v[:, 2].mean())}
+    return result
+
+
+def random_twin(model, seed: int = 0):
+    """The same architecture as `model` (same configs, scaling factor, scheduler and sizes) with random weights
+    (seed `seed`): the 'untrained' reference for the held-out error."""
+    import dataclasses
+
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionModelWithProjection
+
+    from animate_cli.models import prepare
+
+    torch.manual_seed(seed)
+    unet = UNetSpatioTemporalConditionModel.from_config(model.unet.config)
+    vae = AutoencoderKLTemporalDecoder.from_config(model.vae.config)
+    encoder = CLIPVisionModelWithProjection(model.image_encoder.config)
+    dtype, device = model.dtype, model.device
+    return dataclasses.replace(model, source=f"random twin of {model.source}", unet=prepare(unet, dtype, device),
+                               vae=prepare(vae, dtype, device), image_encoder=prepare(encoder, dtype, device),
+                               random_weights=True, extras={})
