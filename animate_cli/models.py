@@ -148,6 +148,9 @@ def load_folder(path: Path, spec: str, dtype: torch.dtype, device: torch.device)
         if not (path / part / name).is_file():
             raise AnimateError(f"{spec}: {part}/{name} is missing; only safetensors weights are loaded")
     common = dict(torch_dtype=dtype, variant=variant, use_safetensors=True)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per local load is noise; downloads have their own
     unet = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **common)
     vae = AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **common)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder", **common)

@@ -35,7 +35,8 @@ def versions() -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads of {os.cpu_count()})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {torch.get_num_threads()} torch threads of {os.cpu_count()})"
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

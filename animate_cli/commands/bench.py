@@ -76,7 +76,8 @@ def bench(
         notes.append(RANDOM_WEIGHTS_NOTE + "; drift figures only say how far the numerics move")
     if heldout_rows := [r for r in summary if r.get("heldout")]:
         notes.append(f"held-out: PSNR (dB) of each row's clips against the true clips from the same first frames, "
-                     f"{heldout_rows[0]['heldout']['clips']} clips; still-frame: the first frame repeated")
+                     f"{heldout_rows[0]['heldout']['clips']} clips, and the error of the moving shape's centroid "
+                     "in pixels; still-frame: the first frame repeated")
     out.result(table(summary, head, notes))
     if json_path is not None:
         write_json(json_path, {"header": head, "image": str(image_path), "seed": seed, "warmup": warmup,
@@ -92,6 +93,13 @@ def default_image() -> Path:
     return Path(str(folder / "coffee.jpg"))
 
 
+def heldout_cells(h: dict | None) -> list[str]:
+    if h is None:
+        return ["-"] * 4
+    return [f"{h['model']['psnr']:.2f}", f"{h['still_frame']['psnr']:.2f}",
+            f"{h['model']['centroid_error_px']:.2f}", f"{h['still_frame']['centroid_error_px']:.2f}"]
+
+
 def title_of(head: dict) -> str:
     where = head.get("gpu") or head.get("cpu")
     return f"animate {head['animate']} on {where}, torch {head['torch']}, diffusers {head['diffusers']}"
@@ -104,7 +112,7 @@ def table(summary: list[dict], head: dict, notes: list[str]) -> Table:
     columns = ["row", "total s", "speed-up", "encode", "denoise", "decode", "write", "s/step", "passes",
                "cold start", "peak GiB", "PSNR dB", "SSIM"]
     if heldout:
-        columns += ["held-out PSNR", "still-frame PSNR"]
+        columns += ["held-out PSNR", "still-frame PSNR", "centroid px", "still centroid px"]
     for column in columns:
         t.add_column(column, justify="left" if column == "row" else "right")
     for r in summary:
@@ -135,7 +143,6 @@ def table(summary: list[dict], head: dict, notes: list[str]) -> Table:
             f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-",
             "-" if d is None else ("same" if d["psnr_worst_db"] == float("inf") else f"{d['psnr_mean_db']:.1f}"),
             "-" if d is None else f"{d['ssim_mean']:.4f}",
-            *([] if not heldout else [f"{r['heldout']['model']['psnr']:.2f}" if r.get("heldout") else "-",
-                                      f"{r['heldout']['still_frame']['psnr']:.2f}" if r.get("heldout") else "-"]),
+            *([] if not heldout else heldout_cells(r.get("heldout"))),
         )
     return t
