@@ -35,6 +35,7 @@ from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionM
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from animate_cli import clips
+from animate_cli.checkpoint import load_checkpoint_file, save_checkpoint_file
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -225,13 +226,11 @@ def save_checkpoint(state: State, path: Path) -> None:
         **{name: getattr(state, name).state_dict() for name in
            ("vae", "unet", "image_encoder", "ema_unet", "ema_encoder", "vae_opt", "opt")},
     }
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(data, tmp)
-    tmp.replace(path)  # a crash mid-save leaves the previous checkpoint intact
+    save_checkpoint_file(path, data)  # atomic: a crash mid-save leaves the previous checkpoint intact
 
 
 def load_checkpoint(path: Path) -> State:
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = load_checkpoint_file(path)
     state = new_state(TrainConfig.from_dict(data["config"]))
     for name in ("vae", "unet", "image_encoder", "ema_unet", "ema_encoder", "vae_opt", "opt"):
         getattr(state, name).load_state_dict(data[name])
@@ -406,7 +405,8 @@ def take_decoder(state: State, other: State) -> None:
 
 
 # ---------------------------------------------------------------- export
-def export(state: State, folder: Path, dtype: torch.dtype = torch.float16, heldout_seed: int = 0) -> Path:
+def export(state: State, folder: Path, dtype: torch.dtype = torch.float16, heldout_seed: int = 0,
+           notes: dict | None = None) -> Path:
     """The EMA weights as a diffusers-layout folder that animate_cli.models.load_model reads (safetensors)."""
     from diffusers import EulerDiscreteScheduler
 
@@ -438,7 +438,7 @@ def export(state: State, folder: Path, dtype: torch.dtype = torch.float16, heldo
         "heldout": {"generator": "animate_cli.clips", "stream": clips.HELDOUT, "seed": heldout_seed,
                     "size": c.size, "frames": c.frames, "motion": clips.DEFAULT_MOTION, "fps": FPS},
         "training": {"config": asdict(c), "steps": state.step,
-                     "final_loss": state.history[-1][2] if state.history else None},
+                     "final_loss": state.history[-1][2] if state.history else None, **(notes or {})},
     }
     (folder / "animate.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder

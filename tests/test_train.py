@@ -77,7 +77,7 @@ def test_train_tiny_command_trains_resumes_and_exports(cli, tmp_path):
     work = tmp_path / "run"
     r = cli("train-tiny", str(work), "--micro", "--vae-steps", "2", "--unet-steps", "2")
     assert r.exit_code == 0, r.stderr
-    assert (work / "checkpoint.pt").is_file() and (work / "model" / "model_index.json").is_file()
+    assert (work / "checkpoint.safetensors").is_file() and (work / "model" / "model_index.json").is_file()
     r = cli("train-tiny", str(work), "--unet-steps", "4")
     assert r.exit_code == 0, r.stderr
     assert "resumed" in r.stderr and "at step 4" in r.stderr

@@ -1,5 +1,6 @@
 """`animate train-tiny WORKDIR`: train the tiny-motion model on procedural clips (resumable), and export it."""
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,7 @@ from animate_cli.errors import AnimateError
 
 
 def train_tiny(
-    workdir: Annotated[Path, typer.Argument(help="Folder for the checkpoint (checkpoint.pt), the log and the "
+    workdir: Annotated[Path, typer.Argument(help="Folder for the checkpoint (checkpoint.safetensors), the log and the "
                                             "exported model (WORKDIR/model).", show_default=False)],
     vae_steps: Annotated[int | None, typer.Option("--vae-steps", min=0, help="VAE steps [400].")] = None,
     unet_steps: Annotated[int | None, typer.Option("--unet-steps", min=0, help="UNet steps [3000].")] = None,
@@ -34,7 +35,7 @@ def train_tiny(
         "phase from the same VAE checkpoint: its encoder, hence the latents, must be identical).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")] = False,
 ) -> None:
-    """Train the tiny-motion model (VAE, then UNet + CLIP encoder) on CPU; resumes from WORKDIR/checkpoint.pt.
+    """Train the tiny-motion model (VAE, then UNet + CLIP encoder) on CPU; resumes from WORKDIR/checkpoint.safetensors.
 
     The training settings live in the checkpoint: options given on a resumed run replace only step counts.
     """
@@ -44,7 +45,7 @@ def train_tiny(
 
     torch.set_num_threads(threads)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = workdir / "checkpoint.pt"
+    checkpoint = workdir / "checkpoint.safetensors"
     log_file = (workdir / "train.log").open("a")
 
     def log(message: str) -> None:
@@ -73,8 +74,11 @@ def train_tiny(
         log(f"new run: {config}")
     if not export_only:
         train.train(state, checkpoint, minutes=minutes, checkpoint_every=checkpoint_every, log=log)
+    notes = {}
     if decoder_from is not None:
-        train.take_decoder(state, train.load_checkpoint(decoder_from))
-        log(f"VAE decoder taken from {decoder_from}")
-    folder = train.export(state, export_to or workdir / "model")
+        other = train.load_checkpoint(decoder_from)
+        train.take_decoder(state, other)
+        notes["vae_decoder_from"] = {"steps": other.step, "config": asdict(other.config)}
+        log(f"VAE decoder taken from {decoder_from} (step {other.step})")
+    folder = train.export(state, export_to or workdir / "model", notes=notes)
     log(f"exported step {state.step} to {folder} ({train.folder_size(folder) / 1e6:.2f} MB)")

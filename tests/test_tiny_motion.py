@@ -1,0 +1,99 @@
+"""The shipped tiny-motion model: loads offline by name, animates held-out first frames on CPU in seconds,
+and beats the still-frame baseline against the held-out ground truth."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from animate_cli import quality
+from animate_cli.models import load_model, packaged_model
+from animate_cli.pipeline import Settings
+
+FOLDER = packaged_model("tiny-motion")
+pytestmark = pytest.mark.skipif(FOLDER is None, reason="animate_cli/weights/tiny-motion is not shipped")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return load_model("tiny-motion", torch.float32, torch.device("cpu"))
+
+
+def settings(model, steps=15, guidance=3.0) -> Settings:
+    w, h = model.native_size
+    return Settings(width=w, height=h, frames=model.frames, steps=steps, fps=7, motion=127, noise_aug=0.02,
+                    min_guidance=1.0, max_guidance=guidance, decode_chunk=model.frames, sampler="dpmpp_2m",
+                    schedule="log_sigma")
+
+
+def test_shipped_in_diffusers_layout_under_10_mb():
+    files = [p for p in FOLDER.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 10 * 1024 * 1024
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    names = {str(p.relative_to(FOLDER)) for p in files}
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "image_encoder/model.safetensors", "model_index.json", "animate.json",
+                 "scheduler/scheduler_config.json"):
+        assert part in names
+    meta = json.loads((FOLDER / "animate.json").read_text())
+    assert meta["heldout"]["generator"] == "animate_cli.clips"
+
+
+def test_loads_offline_by_name(model):
+    assert not model.random_weights and model.source == "tiny-motion"
+    assert model.native_size == (32, 32) and model.frames == 8
+    assert quality.heldout_spec(model)["size"] == 32
+
+
+def test_beats_the_still_frame_on_heldout_clips(model):
+    start = time.perf_counter()
+    result = quality.evaluate(model, settings(model), n=8)
+    elapsed = time.perf_counter() - start
+    assert result["generated"].shape == (8, 8, 32, 32, 3)
+    assert elapsed < 60, f"8 clips took {elapsed:.1f} s"
+    assert result["model"]["mse"] < result["still"]["mse"], result
+    assert result["model"]["centroid_error_px"] < result["still"]["centroid_error_px"], result
+
+
+def test_the_shape_moves(model):
+    result = quality.evaluate(model, settings(model), n=4)
+    for clip in result["generated"]:
+        assert np.abs(clip[-1].astype(int) - clip[0].astype(int)).mean() > 1.0
+
+
+def test_sampler_distance_is_zero_for_the_same_setting_and_small_between_solvers(model):
+    a = quality.evaluate(model, settings(model, steps=15), n=2)["generated"]
+    b = quality.evaluate(model, settings(model, steps=15), n=2)["generated"]
+    assert quality.sampler_distance(a, b)["rmse"] == 0.0
+    c = quality.evaluate(model, settings(model, steps=30), n=2)["generated"]
+    assert 0 < quality.sampler_distance(a, c)["rmse"] < 0.1
+
+
+def test_cli_demo_writes_a_gif(cli, tmp_path):
+    from animate_cli.clips import heldout
+
+    image = tmp_path / "shapes.png"
+    from PIL import Image
+
+    Image.fromarray(heldout(1)[0].frames[0]).save(image)
+    out = tmp_path / "out.gif"
+    r = cli(str(image), "-o", str(out), "--model", "tiny-motion", "--device", "cpu", "--seed", "0")
+    assert r.exit_code == 0, r.stderr
+    assert out.is_file() and out.stat().st_size > 0
+    assert "random weights" not in r.text
+
+
+def test_measures():
+    truth = quality.heldout_clips(2)
+    still = quality.still_frame_baseline(truth[0].frames[0], 8)
+    e = quality.clip_error(truth[0].frames, truth[0].frames)
+    assert e["mse"] == 0 and e["psnr"] == float("inf")
+    s = quality.clip_error(still, truth[0].frames)
+    assert s["mse"] > 0 and s["mse_per_frame"][0] == 0
+    m = quality.motion_error(truth[0].frames, truth[0].frames)
+    assert m["centroid_error"] < 1e-9 and m["lost"] == 0
+    ms = quality.motion_error(still, truth[0].frames)
+    assert ms["centroid_error"] > 2 and abs(ms["centroid_error"] - ms["true_displacement"]) < 1e-6
