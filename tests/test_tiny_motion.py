@@ -30,9 +30,12 @@ def settings(model, steps=15, guidance=3.0) -> Settings:
 
 
 def test_shipped_in_diffusers_layout_under_10_mb():
-    files = [p for p in FOLDER.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 10 * 1024 * 1024
-    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    everything = [p for p in FOLDER.rglob("*") if p.is_file()]
+    assert not [p for p in everything if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    student = [p for p in everything if "student" in p.relative_to(FOLDER).parts]
+    files = [p for p in everything if p not in student]
+    assert sum(p.stat().st_size for p in files) <= 10 * 1024 * 1024  # the model
+    assert sum(p.stat().st_size for p in student) <= 10 * 1024 * 1024  # its distilled student
     names = {str(p.relative_to(FOLDER)) for p in files}
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                  "image_encoder/model.safetensors", "model_index.json", "animate.json",
@@ -97,3 +100,22 @@ def test_measures():
     assert m["centroid_error"] < 1e-9 and m["lost"] == 0
     ms = quality.motion_error(still, truth[0].frames)
     assert ms["centroid_error"] > 2 and abs(ms["centroid_error"] - ms["true_displacement"]) < 1e-6
+
+
+def test_shipped_student_one_pass_per_step_and_beats_the_still_frame():
+    """The distilled preset finds tiny-motion's student/ by itself: 8 single-batch UNet calls, and its clips
+    are still closer to the truth than the first frame repeated."""
+    from animate_cli.preset import load_preset
+    from animate_cli.runner import open_model, settings_for
+
+    preset = load_preset("distilled").replace(compile=False, dtype="float32")
+    model = open_model("tiny-motion", preset, torch.device("cpu"))
+    assert model.extras["student"]["steps"] == 8 and model.extras["student"]["teacher"] == "tiny-motion"
+    calls = []
+    hook = model.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        result = quality.evaluate(model, settings_for(preset, model, 32, 32), n=4, batch=4)
+    finally:
+        hook.remove()
+    assert calls == [4] * 8  # one call per step for the four videos: no unconditional half
+    assert result["model"]["mse"] < result["still"]["mse"]
