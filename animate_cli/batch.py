@@ -520,6 +520,14 @@ def ensure_model(state: RunState):
     return state.model
 
 
+IMAGE_ERRORS = (AnimateError, OSError, ValueError, MemoryError, Image.DecompressionBombError)
+
+
+def image_error(job: Job, e: Exception) -> str:
+    """The manifest's reason for a failed image: our own message, else the file and the exception."""
+    return str(e) if isinstance(e, AnimateError) else f"{job.source}: {type(e).__name__}: {e}"
+
+
 def prepare(state: RunState, job: Job) -> Pending | None:
     """The image read and fitted, its seed chosen and its output folder made; None (and a failed line)
     when any of that fails."""
@@ -528,11 +536,8 @@ def prepare(state: RunState, job: Job) -> Pending | None:
     start = time.perf_counter()
     try:
         image = load_image(job.source)  # a bad image fails before the model loads
-    except AnimateError as e:
-        record(state, job, "failed", error=str(e), seed=seed)
-        return None
-    except (OSError, ValueError, MemoryError, Image.DecompressionBombError) as e:
-        record(state, job, "failed", error=f"{job.source}: {type(e).__name__}: {e}", seed=seed)
+    except IMAGE_ERRORS as e:
+        record(state, job, "failed", error=image_error(job, e), seed=seed)
         return None
     load_s = time.perf_counter() - start
     model = ensure_model(state)  # a model that does not load is the run's error, not this image's
@@ -541,11 +546,8 @@ def prepare(state: RunState, job: Job) -> Pending | None:
         width, height = resolve_size(options.size, image, model.native_size, model.size_multiple)
         fitted = fit_image(image, (width, height), options.fit)
         safe_output_folder(job.output, options.outdir)
-    except AnimateError as e:
-        record(state, job, "failed", error=str(e), seed=seed)
-        return None
-    except (OSError, ValueError, MemoryError, Image.DecompressionBombError) as e:
-        record(state, job, "failed", error=f"{job.source}: {type(e).__name__}: {e}", seed=seed)
+    except IMAGE_ERRORS as e:
+        record(state, job, "failed", error=image_error(job, e), seed=seed)
         return None
     if seed is None:
         from animate_cli.runner import draw_seed

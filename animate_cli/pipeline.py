@@ -15,7 +15,7 @@ from PIL import Image
 
 from animate_cli.errors import AnimateError
 from animate_cli.models import Model
-from animate_cli.sampling import SAMPLERS, SCHEDULES, nested_karras_sigmas
+from animate_cli.sampling import SAMPLERS, SCHEDULES, nested_karras_sigmas, svd_preconditioning
 from animate_cli.student import is_student, make_student_denoiser
 from animate_cli.timing import StageTimer, synchronize
 
@@ -127,11 +127,7 @@ def make_denoiser(model: Model, cond: Conditioning, settings: Settings, timer: S
         time_ids = torch.cat([time_ids, time_ids])
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        # EDM preconditioning for v-prediction (Karras et al. 2022, table 1; sigma_data = 1)
-        c_in = 1 / (sigma**2 + 1).sqrt()
-        c_skip = 1 / (sigma**2 + 1)
-        c_out = -sigma / (sigma**2 + 1).sqrt()
-        c_noise = 0.25 * sigma.log()
+        c_in, c_skip, c_out, c_noise = svd_preconditioning(sigma)
         x_in = (x * c_in).to(dtype)
         if guided:
             x_in = torch.cat([x_in, x_in])

@@ -9,6 +9,13 @@ import math
 import torch
 
 
+def svd_preconditioning(sigma: torch.Tensor):
+    """(c_in, c_skip, c_out, c_noise) of SVD's EDM v-prediction model (Karras et al. 2022, table 1; sigma_data = 1):
+    the denoiser is D(x, sigma) = c_skip x + c_out v(c_in x, c_noise)."""
+    s2 = sigma**2 + 1
+    return 1 / s2.sqrt(), 1 / s2, -sigma / s2.sqrt(), 0.25 * sigma.log()
+
+
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. 2022 (EDM), eq. 5: SVD's stock spacing. Float64 math, as diffusers does it."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)

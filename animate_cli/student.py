@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from animate_cli.errors import AnimateError
+from animate_cli.sampling import svd_preconditioning
 
 KIND = "guidance-distilled"
 GUIDANCE_FILE = "guidance_embedding.safetensors"
@@ -232,10 +233,7 @@ def make_student_denoiser(model, cond, settings, timer=None):
     set_guidance(model.unet, torch.full((len(embeds),), float(settings.max_guidance)))  # once per video
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        c_in = 1 / (sigma**2 + 1).sqrt()
-        c_skip = 1 / (sigma**2 + 1)
-        c_out = -sigma / (sigma**2 + 1).sqrt()
-        c_noise = 0.25 * sigma.log()
+        c_in, c_skip, c_out, c_noise = svd_preconditioning(sigma)
         v = model.unet(torch.cat([(x * c_in).to(dtype), latents], dim=2), c_noise.to(model.device),
                        encoder_hidden_states=embeds, added_time_ids=time_ids, return_dict=False)[0]
         if timer is not None:

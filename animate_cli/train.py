@@ -36,6 +36,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from animate_cli import clips
 from animate_cli.checkpoint import load_checkpoint_file, save_checkpoint_file
+from animate_cli.sampling import svd_preconditioning
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -321,7 +322,7 @@ def unet_loss(c: TrainConfig, vae, unet, image_encoder, batch: np.ndarray, motio
 
     sigma = (c.p_mean + c.p_std * torch.randn(b, generator=g)).exp().view(b, 1, 1, 1, 1)
     noisy = x0 + sigma * torch.randn(x0.shape, generator=g)
-    c_in, c_skip, c_out = 1 / (sigma**2 + 1).sqrt(), 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1).sqrt()
+    c_in, c_skip, c_out, _ = svd_preconditioning(sigma)
     unet_in = torch.cat([noisy * c_in, image_latents.unsqueeze(1).expand(-1, c.frames, -1, -1, -1)], dim=2)
     v = unet(unet_in, 0.25 * sigma.flatten().log(), encoder_hidden_states=embeds, added_time_ids=time_ids,
              return_dict=False)[0]
