@@ -19,8 +19,15 @@ mean squared error of the UNet's v output against the target's v (x0 = c_skip z 
 
 Data: a folder of still images, encoded once as animate_cli.pipeline encodes (CLIP image embedding, VAE latent
 of the noise-augmented image, added time ids fps - 1, motion, noise_aug). Noisy inputs are z = x0 + s * eps with
-eps drawn per example and x0 the still's own latent on every frame (a still video: no video data is needed, and
-at the high noise levels that decide the motion it hardly matters; see the report's limits).
+eps drawn per example. x0 (data = "teacher", the default) is a video the teacher itself made from the still:
+samples_per_image guided samples per image, each with its own w ~ U(guidance_range) and noise, drawn once with
+Euler (DDIM) on the base grid (the trajectory the student distils) and kept in WORKDIR/teacher-samples.safetensors.
+So the student trains on the videos it will meet when sampling, and no video data is needed. data = "stills"
+uses the still's own latent on every frame instead (a video without motion: off the teacher's distribution at
+low noise, where the student then learns the wrong inputs).
+
+Learning rate: AdamW, annealed linearly to zero within each phase (lr_schedule = "linear", as Salimans & Ho do
+for each halving round) or constant.
 
 Every step's images, w, sigmas and noise come from a generator seeded by (seed, global step), so a resumed run
 continues exactly as an uninterrupted one; torch's RNG states are also saved.
@@ -44,7 +51,10 @@ from animate_cli.student import load_student, make_student, save_student, set_gu
 
 CHECKPOINT = "checkpoint.safetensors"
 LOSS_LOG = "loss.jsonl"
+SAMPLES_FILE = "teacher-samples.safetensors"
 FINAL_SAMPLER = "euler"  # one DDIM step per grid interval: what stage 2 distils
+DATA_SOURCES = ("teacher", "stills")
+LR_SCHEDULES = ("linear", "constant")
 
 
 @dataclass
@@ -70,6 +80,9 @@ class DistillConfig:
     noise_aug: float = 0.02
     seed: int = 0
     gradient_checkpointing: bool | None = None  # None: on for CUDA
+    data: str = "teacher"  # x0: "teacher" (the teacher's own samples from each still) or "stills"
+    samples_per_image: int = 4  # teacher samples per still (data = "teacher")
+    lr_schedule: str = "linear"  # "linear": annealed to 0 within each phase; "constant"
 
     @property
     def base_steps(self) -> int:
@@ -102,6 +115,12 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"guidance range {lo}..{hi}: expected 0 <= low <= high")
     if not c.lr > 0:
         raise AnimateError(f"--lr must be positive, got {c.lr}")
+    if c.data not in DATA_SOURCES:
+        raise AnimateError(f"--data {c.data!r}: choose {' or '.join(DATA_SOURCES)}")
+    if c.samples_per_image < 1:
+        raise AnimateError(f"--samples-per-image must be at least 1, got {c.samples_per_image}")
+    if c.lr_schedule not in LR_SCHEDULES:
+        raise AnimateError(f"lr schedule {c.lr_schedule!r}: choose {' or '.join(LR_SCHEDULES)}")
 
 
 # ---------------------------------------------------------------- sigma grids
@@ -123,6 +142,9 @@ class Data:
     embeds: torch.Tensor  # [N, 1, D] CLIP image embeddings
     image_latents: torch.Tensor  # [N, C, h, w] VAE latents of the noise-augmented stills (unscaled, as SVD)
     time_ids: torch.Tensor  # [N, 3]
+    videos: torch.Tensor | None = None  # [M, F, C, h, w] the teacher's samples (data = "teacher"), float32
+    video_image: torch.Tensor | None = None  # [M] the still each sample was made from
+    video_w: torch.Tensor | None = None  # [M] the guidance (max_guidance) each sample was made with
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -236,17 +258,21 @@ def step_generator(c: DistillConfig, global_step: int) -> torch.Generator:
 
 
 def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
-    """Images, w, sigma (uniform over the grid's non-zero points) and noise for one step; a function of
-    (seed, global_step) alone."""
+    """Videos (a teacher sample and its still and w, or a still with a fresh w), sigma (uniform over the grid's
+    non-zero points) and noise for one step; a function of (seed, global_step) alone."""
     g = step_generator(c, global_step)
-    b, n = c.batch_size, len(data.names)
-    index = torch.randint(n, (b,), generator=g)
-    lo, hi = c.guidance_range
-    w = lo + (hi - lo) * torch.rand(b, generator=g)
+    b = c.batch_size
+    if data.videos is not None:
+        pick = torch.randint(len(data.videos), (b,), generator=g)
+        index, w = data.video_image[pick], data.video_w[pick].float()
+        x0 = data.videos[pick].to(device)
+    else:
+        index = torch.randint(len(data.names), (b,), generator=g)
+        lo, hi = c.guidance_range
+        w = lo + (hi - lo) * torch.rand(b, generator=g)
+        x0 = data.x0[index.to(data.x0.device)].to(device).unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
     k = torch.randint(len(sigmas) - 1, (b,), generator=g)
     sigma = sigmas[k].float()
-    x0 = data.x0[index.to(data.x0.device)].to(device)
-    x0 = x0.unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
     eps = torch.randn(x0.shape, generator=g).to(device)
     z = x0 + sigma.to(device).view(-1, 1, 1, 1, 1) * eps
     i = index.to(data.embeds.device)
@@ -254,6 +280,97 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
     embeds = data.embeds[i].to(device).float()
     return Batch(index=index, w=w.to(device), k=k, sigma=sigma.to(device), z=z, embeds=embeds, latents=latents,
                  time_ids=data.time_ids[i].to(device).float())
+
+
+# ---------------------------------------------------------------- the teacher's own samples
+def samples_fingerprint(c: DistillConfig, data: Data, sigmas: torch.Tensor) -> dict:
+    """What the teacher samples depend on: a saved file is reused only when all of it matches."""
+    return {"model": c.model, "images": data.names, "width": c.width, "height": c.height, "frames": c.frames,
+            "samples_per_image": c.samples_per_image, "guidance_range": list(c.guidance_range),
+            "min_guidance": c.min_guidance, "fps": c.fps, "motion": c.motion, "noise_aug": c.noise_aug,
+            "seed": c.seed, "sigmas": [round(float(x), 6) for x in sigmas]}
+
+
+def sample_draw(c: DistillConfig, j: int, shape: tuple) -> tuple[float, torch.Tensor]:
+    """Teacher sample j's guidance w ~ U(guidance_range) and its initial noise (unit variance), from (seed, j)."""
+    g = torch.Generator().manual_seed(c.seed * 1_000_003 + 999_983 + j)
+    lo, hi = c.guidance_range
+    return lo + (hi - lo) * torch.rand(1, generator=g).item(), torch.randn(shape, generator=g)
+
+
+@torch.no_grad()
+def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, device, dtype, autocast,
+                    progress=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """samples_per_image guided videos per still, made by the teacher with Euler on `sigmas` (the base grid):
+    (videos [M, F, C, h, w] float32 on the CPU, image index [M], w [M]). Sample j's w and noise come from a
+    generator seeded by (seed, j) alone, so they do not depend on the chunking."""
+    n, per = len(data.names), c.samples_per_image
+    image = torch.arange(n).repeat_interleave(per)
+    draws = [sample_draw(c, j, (c.frames, *data.x0.shape[1:])) for j in range(n * per)]
+    w = torch.tensor([d[0] for d in draws])
+    noises = [d[1] for d in draws]
+    videos = []
+    sig = sigmas.to(device)
+    for start in range(0, n * per, c.batch_size):
+        pick = torch.arange(start, min(start + c.batch_size, n * per))
+        i = image[pick].to(data.embeds.device)
+        batch = Batch(index=image[pick], w=w[pick].to(device), k=torch.zeros(len(pick), dtype=torch.long),
+                      sigma=sig[:1].expand(len(pick)), z=torch.empty(0), embeds=data.embeds[i].to(device).float(),
+                      latents=data.image_latents[i].to(device).float().unsqueeze(1).expand(-1, c.frames, -1, -1, -1),
+                      time_ids=data.time_ids[i].to(device).float())
+        x = torch.stack([noises[j] for j in pick.tolist()]).to(device) * sig[0]
+        for k in range(len(sig) - 1):
+            s0 = sig[k].expand(len(pick))
+            with autocast():
+                v = guided_teacher_v(unet, batch, x, s0, c.min_guidance, dtype)
+            x0 = x0_from_v(x, s0, v)
+            x = x0 + (sig[k + 1] / sig[k]) * (x - x0)
+        videos.append(x.float().cpu())
+        if progress is not None:
+            progress("teacher samples", int(pick[-1]) + 1, n * per)
+    return torch.cat(videos), image, w
+
+
+def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
+    """data = "teacher": load WORKDIR/teacher-samples.safetensors if it matches this run, else make it with the
+    original UNet (s.base_unet) and save it."""
+    from safetensors.torch import load_file, save_file
+
+    c = s.config
+    if c.data != "teacher":
+        return
+    base = base_sigmas(c, s.scheduler_config)
+    want = samples_fingerprint(c, s.data, base)
+    path = s.workdir / SAMPLES_FILE
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fingerprint", "null"))
+        if meta == want:
+            t = load_file(str(path))
+            s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
+            return
+        log(f"{path.name} was made for another run: making it again")
+    total = len(s.data.names) * c.samples_per_image
+    log(f"teacher samples: {total} videos ({c.samples_per_image} per image), {c.base_steps} guided steps each")
+    start = time.perf_counter()
+    if progress is None:  # plain lines: about every tenth
+        marks = {max(1, round(total * q / 10)) for q in range(1, 11)}
+        done = [0]
+
+        def progress(name, step, total_):
+            if any(done[0] < m <= step for m in marks):
+                log(f"{name}: {step}/{total_}")
+            done[0] = step
+
+    videos, image, w = teacher_samples(c, s.data, s.base_unet, base, s.device, s.teacher_dtype, s.autocast, progress)
+    log(f"teacher samples: made in {time.perf_counter() - start:.0f} s, kept in {path}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"videos": videos.contiguous(), "image": image.contiguous(), "w": w.contiguous()}, str(tmp),
+              metadata={"fingerprint": json.dumps(want)})
+    tmp.replace(path)
+    s.data.videos, s.data.video_image, s.data.video_w = videos, image, w
 
 
 # ---------------------------------------------------------------- targets and loss
@@ -341,7 +458,8 @@ def new_optimizer(c: DistillConfig, student) -> torch.optim.Optimizer:
                              weight_decay=c.weight_decay)
 
 
-def open_session(options: dict, images: Path, workdir: Path, device: torch.device) -> Session:
+def open_session(options: dict, images: Path, workdir: Path, device: torch.device, log=print,
+                 progress=None) -> Session:
     """Load the model, encode the images, and build the student: fresh (DistillConfig(**options)), or resumed
     from WORKDIR/checkpoint.safetensors, whose config then wins; `options` (what the user gave) may only change the step
     counts of phases not yet finished."""
@@ -377,6 +495,7 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
     s.optimizer = new_optimizer(c, student)
     if saved is not None:
         restore(s, saved)
+    attach_teacher_samples(s, progress, log)  # before load_teacher: needs the original UNet
     load_teacher(s)
     return s
 
@@ -493,12 +612,22 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
     loss.backward()
     if c.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(s.student.parameters(), c.grad_clip)
+    factor = lr_factor(c, s.phase, s.step)
+    for group, base in zip(s.optimizer.param_groups, (c.lr, c.lr * c.guidance_lr_mult), strict=True):
+        group["lr"] = base * factor
     s.optimizer.step()
     s.step += 1
     s.global_step += 1
     s.last_loss = loss.item()
     s.extras["last_batch"] = {"sigma": batch.sigma.mean().item(), "w": batch.w.mean().item()}
     return s.last_loss
+
+
+def lr_factor(c: DistillConfig, phase: int, step: int) -> float:
+    """The learning rate of step `step` (0-based, within the phase) over the base rate."""
+    if c.lr_schedule == "constant":
+        return 1.0
+    return 1.0 - step / max(c.phase_steps(phase), 1)
 
 
 def sampler_config(s: Session, phase: int) -> dict:
@@ -517,7 +646,9 @@ def sampler_config(s: Session, phase: int) -> dict:
                          "width": c.width, "height": c.height},
         "teacher": s.extras.get("model_source", c.model),
         "distillation": {"phase": phase, "stage1_steps": c.stage1_steps, "round_steps": c.round_steps,
-                         "rounds": c.rounds, "batch_size": c.batch_size, "lr": c.lr, "images": len(s.data.names),
+                         "rounds": c.rounds, "batch_size": c.batch_size, "lr": c.lr, "lr_schedule": c.lr_schedule,
+                         "images": len(s.data.names), "data": c.data,
+                         "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
                          "global_step": s.global_step},
     }
 
@@ -554,7 +685,8 @@ def run(s: Session, checkpoint_every: int = 100, log_every: int = 10, log=print,
             loss_file.write(json.dumps({"global_step": s.global_step, "phase": s.phase,
                                         "stage": 1 if s.phase == 0 else 2, "round": s.phase, "step": s.step,
                                         "loss": loss, "sigma": extra["sigma"], "w": extra["w"],
-                                        "lr": c.lr, "time": round(time.time(), 3)}) + "\n")
+                                        "lr": c.lr * lr_factor(c, s.phase, s.step - 1),
+                                        "time": round(time.time(), 3)}) + "\n")
             loss_file.flush()
             if progress is not None:
                 progress(phase_name(c, s.phase), s.step, total, loss)

@@ -38,6 +38,7 @@ class Settings:
     decode_chunk: int
     sampler: str
     schedule: str
+    sigmas: tuple[float, ...] | None = None  # an explicit grid (steps + 1 values, the last 0): overrides schedule
 
 
 @dataclass
@@ -154,6 +155,10 @@ def denoiser_for(model: Model, cond: Conditioning, settings: Settings, timer: St
 def sigma_schedule(model: Model, settings: Settings) -> torch.Tensor:
     """steps + 1 sigmas, the last 0. 'student': the grid the student was distilled on (student.json)."""
     config = model.scheduler_config
+    if settings.sigmas is not None:
+        if len(settings.sigmas) != settings.steps + 1 or settings.sigmas[-1] != 0:
+            raise AnimateError(f"explicit sigmas: expected {settings.steps + 1} values ending in 0")
+        return torch.tensor(settings.sigmas, dtype=torch.float32)
     if settings.schedule != "student":
         return SCHEDULES[settings.schedule](settings.steps, config["sigma_min"], config["sigma_max"])
     meta = model.extras.get("student")

@@ -7,6 +7,8 @@ All frames are uint8 arrays [F, H, W, 3] (or [B, F, H, W, 3]); errors are comput
   a still clip scores the true displacement, a clip that moves the shape where it should scores ~0.
 - still_frame_baseline: the first frame repeated (what "no motion" scores).
 - sampler_distance: RMSE / PSNR between two settings' outputs from the same seeds (same noise).
+- distillation_report: a distilled student at its steps against its teacher at the base steps and at the
+  student's steps, on the same held-out first frames and noise.
 """
 
 from __future__ import annotations
@@ -171,3 +173,58 @@ def random_twin(model, seed: int = 0):
     return dataclasses.replace(model, source=f"random twin of {model.source}", unet=prepare(unet, dtype, device),
                                vae=prepare(vae, dtype, device), image_encoder=prepare(encoder, dtype, device),
                                random_weights=True, extras={})
+
+
+# ---------------------------------------------------------------- a distilled student against its teacher
+def distillation_report(teacher, student, n: int = 32, max_guidance: float | None = None,
+                        min_guidance: float | None = None, batch: int = 8) -> dict:
+    """On n held-out clips of the teacher's held-out data, from the same seeds (video i: seed i): the teacher
+    with guidance (two passes) and Euler (DDIM) on the base grid the student was distilled from ("teacher_base",
+    e.g. 32 steps), the teacher the same way on the student's grid ("teacher_steps", e.g. 8: every 4th point of
+    the base grid), and the student on its grid with one pass per step ("student"). Returns their errors against
+    the true clips, the still-frame baseline, and each one's distance to teacher_base.
+
+    `teacher` and `student` are loaded models (animate_cli.models) of one architecture; the student's UNet
+    is a guidance-distilled one (animate_cli.runner.attach_student) whose student.json names its grid."""
+    import dataclasses
+
+    from animate_cli.pipeline import Settings
+    from animate_cli.sampling import SCHEDULES
+
+    meta = student.extras.get("student") or {}
+    if "sigmas" not in meta or "schedule" not in meta:
+        raise ValueError("the student model carries no distilled grid (student.json 'sigmas' and 'schedule')")
+    grid = [float(x) for x in meta["sigmas"]]
+    sched = meta["schedule"]
+    base = SCHEDULES[sched["name"]](sched["base_steps"], sched["sigma_min"], sched["sigma_max"])
+    nested = base[:: sched["stride"]].numpy()
+    if len(nested) != len(grid) or not np.allclose(nested, grid, rtol=1e-5):
+        raise ValueError("student.json's sigmas are not its base grid taken every stride points")
+    spec = heldout_spec(teacher)
+    if spec is None:
+        raise ValueError(f"{teacher.source} has no held-out clips")
+    guidance = meta.get("guidance", {})
+    size, frames = spec["size"], spec["frames"]
+    cond = meta.get("conditioning", {})
+    settings = Settings(width=size, height=size, frames=frames, steps=len(grid) - 1, fps=cond.get("fps", 7),
+                        motion=cond.get("motion", 127), noise_aug=cond.get("noise_aug", 0.02),
+                        min_guidance=min_guidance if min_guidance is not None else guidance.get("min_guidance", 1.0),
+                        max_guidance=max_guidance if max_guidance is not None else
+                        max(guidance.get("max_guidance_range", [3.0])),
+                        decode_chunk=frames, sampler="euler", schedule=sched["name"])
+    runs = {
+        "teacher_base": (teacher, dataclasses.replace(settings, steps=sched["base_steps"],
+                                                      sigmas=tuple(float(x) for x in base))),
+        "teacher_steps": (teacher, dataclasses.replace(settings, sigmas=tuple(grid))),
+        "student": (student, dataclasses.replace(settings, sigmas=tuple(grid))),
+    }
+    results = {name: evaluate(model, s, n=n, batch=batch, spec=spec) for name, (model, s) in runs.items()}
+    reference = results["teacher_base"]["generated"]
+    report = {"clips": n, "max_guidance": settings.max_guidance, "min_guidance": settings.min_guidance,
+              "steps": {"teacher_base": sched["base_steps"], "teacher_steps": len(grid) - 1,
+                        "student": len(grid) - 1},
+              "errors_vs_truth": {name: r["model"] for name, r in results.items()},
+              "distance_to_teacher_base": {name: sampler_distance(results[name]["generated"], reference)
+                                           for name in ("teacher_steps", "student")}}
+    report["errors_vs_truth"]["still_frame"] = results["teacher_base"]["still"]
+    return report

@@ -351,3 +351,92 @@ def test_cli_distill_bad_input_is_one_line(cli, tmp_path):
     (empty / "a.png").write_bytes(b"not a png")
     assert_user_error(cli("distill", empty, "--workdir", tmp_path / "w", "--device", "cpu", "--size", "3x"),
                       "--size '3x'")
+
+
+# ---------------------------------------------------------------- the teacher's samples as data
+def test_teacher_samples_are_the_pipelines_guided_euler_samples(images, tmp_path):
+    from animate_cli.models import build_random
+    from animate_cli.pipeline import Conditioning, Settings, make_denoiser
+    from animate_cli.sampling import sample_euler
+
+    s = distill.open_session(dict(OPTIONS, samples_per_image=2), images, tmp_path / "work", torch.device("cpu"))
+    data, c = s.data, s.config
+    assert data.videos.shape == (6, 2, 4, 16, 16)
+    assert data.video_image.tolist() == [0, 0, 1, 1, 2, 2]
+    lo, hi = c.guidance_range
+    assert all(lo <= w <= hi for w in data.video_w.tolist()) and len(set(data.video_w.tolist())) == 6
+    model = build_random("tiny", torch.float32, torch.device("cpu"))  # the same seeded random weights
+    base = distill.base_sigmas(c, s.scheduler_config)
+    for j in (1, 4):
+        w, noise = distill.sample_draw(c, j, (2, 4, 16, 16))
+        assert w == pytest.approx(data.video_w[j].item())
+        i = data.video_image[j].item()
+        cond = Conditioning(data.embeds[i:i + 1], data.image_latents[i:i + 1], data.time_ids[i:i + 1])
+        settings = Settings(width=32, height=32, frames=2, steps=4, fps=7, motion=127, noise_aug=0.02,
+                            min_guidance=c.min_guidance, max_guidance=w, decode_chunk=2, sampler="euler",
+                            schedule="karras")
+        expected = sample_euler(make_denoiser(model, cond, settings), noise[None] * base[0], base)
+        assert torch.allclose(data.videos[j:j + 1], expected, atol=1e-4 * (1 + expected.abs().max().item()))
+    # a batch draws whole samples with their own still and w
+    batch = distill.draw_batch(c, data, s.sigmas, 7, s.device)
+    for b in range(c.batch_size):
+        j = [k for k in range(6) if data.video_w[k] == batch.w[b]]
+        assert len(j) == 1 and data.video_image[j[0]] == batch.index[b]
+
+
+def test_teacher_samples_are_kept_and_remade_when_they_do_not_match(images, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    first = distill.open_session(dict(OPTIONS, samples_per_image=2), images, work, torch.device("cpu"))
+    path = work / distill.SAMPLES_FILE
+    assert path.is_file() and not list(work.glob(".*.tmp"))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the saved teacher samples should have been reused")
+
+    with monkeypatch.context() as m:
+        m.setattr(distill, "teacher_samples", no_sampling)
+        again = distill.open_session(dict(OPTIONS, samples_per_image=2), images, work, torch.device("cpu"))
+    assert torch.equal(again.data.videos, first.data.videos)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / distill.SAMPLES_FILE).write_bytes(path.read_bytes())  # made for 2 per image, this run wants 1
+    lines = []
+    remade = distill.open_session(dict(OPTIONS, samples_per_image=1), images, other, torch.device("cpu"),
+                                  log=lines.append)
+    assert remade.data.videos.shape[0] == 3 and any("made for another run" in line for line in lines)
+
+
+def test_stills_data_uses_each_still_on_every_frame(images, tmp_path):
+    s = distill.open_session(dict(OPTIONS, data="stills"), images, tmp_path / "work", torch.device("cpu"))
+    assert s.data.videos is None and not (tmp_path / "work" / distill.SAMPLES_FILE).exists()
+    batch = distill.draw_batch(s.config, s.data, s.sigmas, 3, s.device)
+    # z = x0 + sigma * eps with x0 the still on both frames: z's frame difference is the noise's alone
+    assert batch.z.shape == (1, 2, 4, 16, 16)
+    x0 = s.data.x0[batch.index]
+    eps = (batch.z - x0.unsqueeze(1)) / batch.sigma.view(-1, 1, 1, 1, 1)
+    assert abs(eps.std().item() - 1) < 0.2
+
+
+def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
+    work = tmp_path / "work"
+    s = distill.open_session(dict(OPTIONS, stage1_steps=4), images, work, torch.device("cpu"))
+    distill.run(s, until=6, log=lambda m: None)  # 4 steps of stage 1, 2 of round 1
+    log = [json.loads(line) for line in (work / distill.LOSS_LOG).read_text().splitlines()]
+    base = OPTIONS["lr"]
+    assert [e["lr"] for e in log] == pytest.approx([base, 0.75 * base, 0.5 * base, 0.25 * base, base, 0.5 * base])
+    assert s.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * base)
+    assert s.optimizer.param_groups[1]["lr"] == pytest.approx(0.5 * base * s.config.guidance_lr_mult)
+    flat = distill.open_session(dict(OPTIONS, lr_schedule="constant"), images, tmp_path / "flat",
+                                torch.device("cpu"))
+    distill.run(flat, until=3, log=lambda m: None)
+    assert flat.optimizer.param_groups[0]["lr"] == base
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"data": "videos"}, "--data 'videos': choose teacher or stills"),
+    ({"samples_per_image": 0}, "--samples-per-image must be at least 1"),
+    ({"lr_schedule": "cosine"}, "lr schedule 'cosine': choose linear or constant"),
+])
+def test_bad_distill_options_are_named(images, tmp_path, option, message):
+    with pytest.raises(AnimateError, match=message):
+        distill.open_session(dict(OPTIONS, **option), images, tmp_path / "work", torch.device("cpu"))

@@ -119,3 +119,29 @@ def test_shipped_student_one_pass_per_step_and_beats_the_still_frame():
         hook.remove()
     assert calls == [4] * 8  # one call per step for the four videos: no unconditional half
     assert result["model"]["mse"] < result["still"]["mse"]
+
+
+def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
+    """An untrained student without guidance is the unguided teacher: on the student's grid it must land exactly
+    where the teacher does, and the report must say so; a grid that is not the base grid's is refused."""
+    import dataclasses
+
+    from animate_cli.sampling import karras_sigmas
+    from animate_cli.student import make_student
+
+    cfg = model.scheduler_config
+    base = karras_sigmas(16, cfg["sigma_min"], cfg["sigma_max"])
+    meta = {"sigmas": [float(x) for x in base[::4]], "guidance": {"min_guidance": 1.0, "max_guidance_range": [1, 1]},
+            "schedule": {"name": "karras", "base_steps": 16, "stride": 4, "sigma_min": cfg["sigma_min"],
+                         "sigma_max": cfg["sigma_max"]}}
+    student = dataclasses.replace(model, unet=make_student(model.unet), extras={**model.extras, "student": meta})
+    report = quality.distillation_report(model, student, n=2, batch=2)
+    assert report["steps"] == {"teacher_base": 16, "teacher_steps": 4, "student": 4}
+    dist = report["distance_to_teacher_base"]
+    assert dist["student"] == dist["teacher_steps"] and dist["teacher_steps"]["rmse"] > 0
+    errors = report["errors_vs_truth"]
+    assert errors["student"] == errors["teacher_steps"] and errors["still_frame"]["mse"] > 0
+    bad = dataclasses.replace(student, extras={**model.extras, "student": {**meta, "sigmas": [float(x) for x in
+                                                                                        base[::8]]}})
+    with pytest.raises(ValueError, match="not its base grid"):
+        quality.distillation_report(model, bad, n=1)

@@ -31,6 +31,13 @@ def distill(
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate [1e-5]; the new "
                                              "guidance embedding gets 10x.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Videos per step [1].")] = None,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="What the student trains on: 'teacher' (videos the teacher makes from each still, made once "
+        "and kept in WORKDIR) or 'stills' (each still as a video without motion) [teacher].")] = None,
+    samples_per_image: Annotated[int | None, typer.Option(
+        "--samples-per-image", min=1, help="Teacher videos per still with --data teacher [4].")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(
+        "--lr-schedule", help="'linear' (annealed to zero within each phase) or 'constant' [linear].")] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
@@ -52,7 +59,8 @@ def distill(
     from animate_cli.runner import resolve_device
 
     given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
-                 final_steps=final_steps, lr=lr, batch_size=batch_size, frames=frames, seed=seed)
+                 final_steps=final_steps, lr=lr, batch_size=batch_size, frames=frames, seed=seed, data=data,
+                 samples_per_image=samples_per_image, lr_schedule=lr_schedule)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
@@ -73,12 +81,12 @@ def distill(
         with log_path.open("a") as f:
             f.write(message + "\n")
 
-    session = d.open_session(options, images, workdir, torch_device)
-    c = session.config
-    log(f"{'resumed at step ' + str(session.global_step) if session.global_step else 'new run'}: {c.model}, "
-        f"{len(session.data.names)} images at {c.width}x{c.height}, {c.frames} frames, {torch_device}; "
-        f"{c.base_steps} -> {c.final_steps} steps in {c.rounds} rounds")
     with phase_progress() as progress:
+        session = d.open_session(options, images, workdir, torch_device, log=log, progress=progress)
+        c = session.config
+        log(f"{'resumed at step ' + str(session.global_step) if session.global_step else 'new run'}: {c.model}, "
+            f"{len(session.data.names)} images at {c.width}x{c.height}, {c.frames} frames, {torch_device}; "
+            f"{c.base_steps} -> {c.final_steps} steps in {c.rounds} rounds; data: {c.data}")
         d.run(session, checkpoint_every=checkpoint_every, log_every=log_every, log=log, progress=progress,
               step_lines=progress is None)
     folder = d.export(session, out_dir)

@@ -1,0 +1,70 @@
+"""Writes benchmarks/tiny-motion-distillation.json: a distilled tiny-motion student at its steps against the
+teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-out clips, from the same noise.
+
+    python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH]
+
+STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from animate_cli import __version__, quality
+from animate_cli.models import load_model, packaged_model
+from animate_cli.student import attach_student
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("student", nargs="?", default=str(packaged_model("tiny-motion") / "student"))
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--max-guidance", type=float, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    teacher = load_model("tiny-motion", torch.float32, cpu, progress=False)
+    student = load_model("tiny-motion", torch.float32, cpu, progress=False)
+    attach_student(student, args.student, torch.float32, cpu)
+    start = time.perf_counter()
+    report = quality.distillation_report(teacher, student, n=args.clips, max_guidance=args.max_guidance)
+    meta = student.extras["student"]
+    result = {
+        "what": "a distilled tiny-motion student against its teacher, on held-out clips from the same noise",
+        "command": "python benchmarks/tiny_motion_distillation.py " + " ".join(
+            a for a in (args.student if args.student != str(packaged_model("tiny-motion") / "student") else "",
+                        f"--clips {args.clips}") if a),
+        "machine": f"CPU ({platform.machine()}, {args.threads} threads), float32",
+        "date": datetime.date.today().isoformat(),
+        "animate": __version__, "torch": torch.__version__,
+        "settings": {
+            "teacher_base": f"teacher, Euler (DDIM) on the {report['steps']['teacher_base']}-step "
+                            f"{meta['schedule']['name']} grid, guidance {report['min_guidance']} -> "
+                            f"{report['max_guidance']} over the frames, two passes per step",
+            "teacher_steps": f"teacher the same way on the student's {report['steps']['student']}-step grid "
+                             f"(every {meta['schedule']['stride']}th point)",
+            "student": f"student, Euler on that grid, guidance {report['max_guidance']} as its input, one pass "
+                       "per step",
+        },
+        "distillation": meta.get("distillation"),
+        **report,
+        "eval_seconds": round(time.perf_counter() - start, 1),
+    }
+    text = json.dumps(result, indent=1)
+    if args.json is not None:
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.json)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
