@@ -251,6 +251,7 @@ class Batch:
     embeds: torch.Tensor
     latents: torch.Tensor  # [B, F, C, h, w] image latents on every frame
     time_ids: torch.Tensor
+    sample: torch.Tensor | None = None  # [B] which teacher sample is each x0 (data = "teacher")
 
 
 def step_generator(c: DistillConfig, global_step: int) -> torch.Generator:
@@ -258,19 +259,22 @@ def step_generator(c: DistillConfig, global_step: int) -> torch.Generator:
 
 
 def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
-    """Videos (a teacher sample and its still and w, or a still with a fresh w), sigma (uniform over the grid's
-    non-zero points) and noise for one step; a function of (seed, global_step) alone."""
+    """Videos (a teacher sample with the still it was made from, or a still), w ~ U(guidance_range), sigma
+    (uniform over the grid's non-zero points) and noise for one step; a function of (seed, global_step) alone.
+    w is drawn afresh rather than taken from the sample, as Meng et al. draw it independently of the data: with
+    a few hundred samples, their w values alone would leave the guidance embedding untrained in between."""
     g = step_generator(c, global_step)
     b = c.batch_size
+    sample = None
     if data.videos is not None:
-        pick = torch.randint(len(data.videos), (b,), generator=g)
-        index, w = data.video_image[pick], data.video_w[pick].float()
-        x0 = data.videos[pick].to(device)
+        sample = torch.randint(len(data.videos), (b,), generator=g)
+        index = data.video_image[sample]
+        x0 = data.videos[sample].to(device)
     else:
         index = torch.randint(len(data.names), (b,), generator=g)
-        lo, hi = c.guidance_range
-        w = lo + (hi - lo) * torch.rand(b, generator=g)
         x0 = data.x0[index.to(data.x0.device)].to(device).unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
+    lo, hi = c.guidance_range
+    w = lo + (hi - lo) * torch.rand(b, generator=g)  # fresh w (not the sample's): the embedding learns all of w
     k = torch.randint(len(sigmas) - 1, (b,), generator=g)
     sigma = sigmas[k].float()
     eps = torch.randn(x0.shape, generator=g).to(device)
@@ -279,7 +283,7 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
     latents = data.image_latents[i].to(device).float().unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
     embeds = data.embeds[i].to(device).float()
     return Batch(index=index, w=w.to(device), k=k, sigma=sigma.to(device), z=z, embeds=embeds, latents=latents,
-                 time_ids=data.time_ids[i].to(device).float())
+                 time_ids=data.time_ids[i].to(device).float(), sample=sample)
 
 
 # ---------------------------------------------------------------- the teacher's own samples
