@@ -3,10 +3,10 @@ Guided Diffusion Models"; the step part is Salimans & Ho 2022, "Progressive Dist
 
 Phases, one resumable run (WORKDIR/checkpoint.safetensors):
   phase 0, stage 1 (guidance): the student (animate_cli.student: the teacher's UNet plus a zero-initialised
-      guidance embedding of w) learns, in ONE pass, the teacher's classifier-free-guided output (two passes,
-      uncond + cond, combined with SVD's per-frame scales rising linearly from min_guidance on the first frame
-      to w = max_guidance on the last), w ~ U(guidance_range) per video, at sigmas drawn uniformly from the
-      BASE grid (final_steps * 2**rounds steps, e.g. 32).
+      guidance embedding, of each frame's scale by default, else of the video's w) learns, in ONE pass, the
+      teacher's classifier-free-guided output (two passes, uncond + cond, combined with SVD's per-frame scales
+      rising linearly from min_guidance on the first frame to w = max_guidance on the last), w ~ U(guidance_range)
+      per video, at sigmas drawn uniformly from the BASE grid (final_steps * 2**rounds steps, e.g. 32).
   phase r = 1..rounds, stage 2 (progressive step distillation): the student on a grid of half the steps learns
       to land, with one DDIM step (= Euler on the EDM probability-flow ODE: x' = x0 + (s'/s) (x - x0)), where two
       DDIM steps of the previous phase's student (frozen, loaded from WORKDIR/phase-{r-1}) land: the target x0 is
@@ -55,6 +55,7 @@ SAMPLES_FILE = "teacher-samples.safetensors"
 FINAL_SAMPLER = "euler"  # one DDIM step per grid interval: what stage 2 distils
 DATA_SOURCES = ("teacher", "stills")
 LR_SCHEDULES = ("linear", "constant")
+GUIDANCE_INPUTS = ("frame", "video")
 
 
 @dataclass
@@ -83,6 +84,7 @@ class DistillConfig:
     data: str = "teacher"  # x0: "teacher" (the teacher's own samples from each still) or "stills"
     samples_per_image: int = 4  # teacher samples per still (data = "teacher")
     lr_schedule: str = "linear"  # "linear": annealed to 0 within each phase; "constant"
+    guidance_input: str = "frame"  # the embedding gets each frame's scale ("frame") or the video's w ("video")
 
     @property
     def base_steps(self) -> int:
@@ -119,6 +121,8 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"--data {c.data!r}: choose {' or '.join(DATA_SOURCES)}")
     if c.samples_per_image < 1:
         raise AnimateError(f"--samples-per-image must be at least 1, got {c.samples_per_image}")
+    if c.guidance_input not in GUIDANCE_INPUTS:
+        raise AnimateError(f"guidance input {c.guidance_input!r}: choose {' or '.join(GUIDANCE_INPUTS)}")
     if c.lr_schedule not in LR_SCHEDULES:
         raise AnimateError(f"lr schedule {c.lr_schedule!r}: choose {' or '.join(LR_SCHEDULES)}")
 
@@ -487,7 +491,8 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
         raise AnimateError(f"{workdir / CHECKPOINT} was trained on other images ({len(saved['images'])} files); "
                            "give the same folder, or another --workdir")
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    student = make_student(model.unet).float().train().requires_grad_(True)
+    student = make_student(model.unet, per_frame=c.guidance_input == "frame", min_guidance=c.min_guidance)
+    student = student.float().train().requires_grad_(True)
     base = torch.nn.Module.to(model.unet, dtype=teacher_dtype).eval().requires_grad_(False)  # no diffusers warning
     sigma_range = {k: float(model.scheduler_config[k]) for k in ("sigma_min", "sigma_max")}
     del model
@@ -644,7 +649,8 @@ def sampler_config(s: Session, phase: int) -> dict:
         "sigmas": [float(x) for x in grid(c, s.scheduler_config, steps)],
         "schedule": {"name": c.schedule, "base_steps": c.base_steps, "stride": c.base_steps // steps,
                      **s.scheduler_config},
-        "guidance": {"embedding_input": "max_guidance", "min_guidance": c.min_guidance,
+        "guidance": {"embedding_input": "frame_scale" if c.guidance_input == "frame" else "max_guidance",
+                     "min_guidance": c.min_guidance,
                      "max_guidance_range": list(c.guidance_range), "passes": 1},
         "conditioning": {"fps": c.fps, "motion": c.motion, "noise_aug": c.noise_aug, "frames": c.frames,
                          "width": c.width, "height": c.height},

@@ -10,6 +10,12 @@ with w the guidance scale of each video ([B], set for the call with `set_guidanc
 zero: an untrained student returns exactly the teacher's output, for any w. Nothing else in the UNet changes,
 so its stock part saves and loads with diffusers' own save_pretrained / from_pretrained.
 
+Per frame (per_frame = True): SVD guides each frame with its own scale, rising linearly from min_guidance on
+the first frame to w on the last, and the UNet repeats its embedding for every frame. A per-frame student adds
+mlp(features(scale of frame f)) to each frame's copy instead: forward pre-hooks on the UNet's down, mid and up
+blocks add it to their `temb` argument ([B * F, D]; B and F read from `image_only_indicator`), and
+add_embedding adds nothing. The same zero-initialised MLP, so the untrained student is the teacher here too.
+
 Student folder (save_student / load_student), safetensors and json only:
     folder/unet/config.json, folder/unet/diffusion_pytorch_model.safetensors   the stock UNet part
     folder/guidance_embedding.safetensors                                       the guidance MLP
@@ -47,13 +53,15 @@ def guidance_features(w: torch.Tensor, dim: int = FEATURES, scale: float = GUIDA
 
 
 class GuidedAddEmbedding(nn.Module):
-    """`orig(time_ids) + mlp(features(w))`; w [B] (or [1], broadcast) is set per call through `self.w`."""
+    """`orig(time_ids) + mlp(features(w))`; w [B] (or [1], broadcast) is set per call through `self.w`. With
+    per_frame, `orig(time_ids)` alone: the blocks' FrameGuidance hooks add mlp(features(frame scale))."""
 
     def __init__(self, orig: nn.Module, embed_dim: int, features: int = FEATURES, hidden: int | None = None,
-                 scale: float = GUIDANCE_SCALE):
+                 scale: float = GUIDANCE_SCALE, per_frame: bool = False, min_guidance: float = 1.0):
         super().__init__()
         self.orig = orig
         self.features, self.scale = features, scale
+        self.per_frame, self.min_guidance = per_frame, float(min_guidance)
         hidden = hidden or embed_dim
         self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, embed_dim))
         nn.init.zeros_(self.mlp[2].weight)  # zero-initialised: the untrained student is the teacher, exactly
@@ -64,19 +72,60 @@ class GuidedAddEmbedding(nn.Module):
     def hidden(self) -> int:
         return self.mlp[0].out_features
 
-    def forward(self, time_embeds: torch.Tensor) -> torch.Tensor:
-        base = self.orig(time_embeds)  # [B, D]
+    def guidance(self, batch: int, device) -> torch.Tensor:
+        """w for each of `batch` videos: [batch]."""
         if self.w is None:
             raise RuntimeError("guidance-distilled UNet called without a guidance scale: call set_guidance first")
-        w = self.w.to(base.device).reshape(-1)
-        if w.shape[0] not in (1, base.shape[0]):
-            raise RuntimeError(f"guidance scale for {w.shape[0]} videos, but the UNet call has {base.shape[0]}")
-        features = guidance_features(w, self.features, self.scale).to(self.mlp[0].weight.dtype)
-        return base + self.mlp(features).to(base.dtype)
+        w = self.w.to(device).reshape(-1)
+        if w.shape[0] not in (1, batch):
+            raise RuntimeError(f"guidance scale for {w.shape[0]} videos, but the UNet call has {batch}")
+        return w.expand(batch)
+
+    def embed(self, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        features = guidance_features(scales, self.features, self.scale).to(self.mlp[0].weight.dtype)
+        return self.mlp(features).to(dtype)
+
+    def forward(self, time_embeds: torch.Tensor) -> torch.Tensor:
+        base = self.orig(time_embeds)  # [B, D]
+        w = self.guidance(base.shape[0], base.device)
+        if self.per_frame:
+            return base
+        return base + self.embed(w, base.dtype)
+
+    def frame_term(self, batch: int, frames: int, dtype, device) -> torch.Tensor:
+        """[batch * frames, D]: the embedding of each frame's scale, min_guidance (first) -> w (last)."""
+        w = self.guidance(batch, device)
+        ramp = torch.linspace(0, 1, frames, device=device)
+        scales = self.min_guidance + (w[:, None] - self.min_guidance) * ramp[None]
+        return self.embed(scales.reshape(-1), dtype)
 
     def config(self) -> dict:
         return {"features": self.features, "hidden": self.hidden, "scale": self.scale,
-                "embed_dim": self.mlp[2].out_features}
+                "embed_dim": self.mlp[2].out_features, "per_frame": self.per_frame,
+                "min_guidance": self.min_guidance}
+
+
+class FrameGuidance:
+    """Forward pre-hook (with kwargs) of a UNet block: temb += the per-frame guidance term. A callable object
+    rather than a closure, so that deep-copying the UNet points the copy's hooks at the copy's embedding."""
+
+    def __init__(self, embedding: GuidedAddEmbedding):
+        self.embedding = embedding
+
+    def __call__(self, module, args, kwargs):
+        temb, indicator = kwargs["temb"], kwargs["image_only_indicator"]
+        batch, frames = indicator.shape
+        term = self.embedding.frame_term(batch, frames, temb.dtype, temb.device)
+        return args, {**kwargs, "temb": temb + term}
+
+
+def guided_blocks(unet) -> list[nn.Module]:
+    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
+
+def hook_frames(unet, embedding: GuidedAddEmbedding) -> None:
+    for block in guided_blocks(unet):
+        block.register_forward_pre_hook(FrameGuidance(embedding), with_kwargs=True)
 
 
 def guided_embedding(unet) -> GuidedAddEmbedding:
@@ -90,25 +139,32 @@ def is_student(unet) -> bool:
     return isinstance(getattr(unet, "add_embedding", None), GuidedAddEmbedding)
 
 
-def make_student(teacher_unet, hidden: int | None = None) -> nn.Module:
-    """A deep copy of `teacher_unet` with a zero-initialised guidance embedding on its add_embedding."""
+def make_student(teacher_unet, hidden: int | None = None, per_frame: bool = False,
+                 min_guidance: float = 1.0) -> nn.Module:
+    """A deep copy of `teacher_unet` with a zero-initialised guidance embedding on its add_embedding (and, per
+    frame, the blocks' hooks that add it to each frame)."""
     if is_student(teacher_unet):
         raise AnimateError("make_student: the UNet already has a guidance embedding")
     student = copy.deepcopy(teacher_unet)
     orig = student.add_embedding
     embed_dim = orig.linear_2.out_features
     param = next(orig.parameters())
-    wrapper = GuidedAddEmbedding(orig, embed_dim, hidden=hidden)
+    wrapper = GuidedAddEmbedding(orig, embed_dim, hidden=hidden, per_frame=per_frame, min_guidance=min_guidance)
     student.add_embedding = wrapper.to(device=param.device, dtype=param.dtype)
+    if per_frame:
+        hook_frames(student, student.add_embedding)
     return student
 
 
-def set_guidance(student, w) -> None:
-    """The guidance scale of each video in the next UNet calls: Tensor [B] (or a float, for every video)."""
+def set_guidance(student, w, min_guidance: float | None = None) -> None:
+    """The guidance scale of each video in the next UNet calls: Tensor [B] (or a float, for every video); a
+    per-frame student ramps from min_guidance (default: the one it was distilled with) to w."""
     module = guided_embedding(student)
     if not isinstance(w, torch.Tensor):
         w = torch.tensor([float(w)])
     module.w = w.detach().reshape(-1).float()
+    if min_guidance is not None:
+        module.min_guidance = float(min_guidance)
 
 
 @contextlib.contextmanager
@@ -169,12 +225,15 @@ def load_student(folder: Path, dtype: torch.dtype = torch.float32, device: torch
                                                             **quiet)
     cfg = meta["guidance_embedding"]
     wrapper = GuidedAddEmbedding(unet.add_embedding, cfg["embed_dim"], features=cfg["features"],
-                                 hidden=cfg["hidden"], scale=cfg["scale"])
+                                 hidden=cfg["hidden"], scale=cfg["scale"], per_frame=cfg.get("per_frame", False),
+                                 min_guidance=cfg.get("min_guidance", 1.0))
     try:
         wrapper.mlp.load_state_dict(load_file(str(folder / GUIDANCE_FILE)), strict=True)
     except RuntimeError as e:
         raise AnimateError(f"{folder / GUIDANCE_FILE}: does not match student.json ({first_line(e)})") from None
     unet.add_embedding = wrapper.to(dtype)
+    if wrapper.per_frame:
+        hook_frames(unet, unet.add_embedding)
     return unet.to(device).eval().requires_grad_(False), meta
 
 
@@ -225,12 +284,13 @@ def make_student_denoiser(model, cond, settings, timer=None):
     """The EDM denoiser D(x, sigma) -> x0 of a guidance-distilled `model.unet`: ONE pass per call on the
     conditional inputs only (batch B, no unconditional half), the guidance embedding set to the run's
     max_guidance for every video. The same arguments as animate_cli.pipeline.make_denoiser, so the pipeline can
-    pick this one when `is_student(model.unet)`. The per-frame ramp (min_guidance on the first frame) is the
-    one the student was distilled with (student.json: guidance.min_guidance)."""
+    pick this one when `is_student(model.unet)`. A per-frame student follows the run's ramp (min_guidance on
+    the first frame); a per-video one the ramp it was distilled with (student.json: guidance.min_guidance)."""
     frames, dtype = settings.frames, model.dtype
     latents = cond.image_latents.unsqueeze(1).expand(-1, frames, -1, -1, -1)  # [B, F, C, h, w]
     embeds, time_ids = cond.image_embeds, cond.added_time_ids
-    set_guidance(model.unet, torch.full((len(embeds),), float(settings.max_guidance)))  # once per video
+    set_guidance(model.unet, torch.full((len(embeds),), float(settings.max_guidance)),  # once per video
+                 settings.min_guidance if guided_embedding(model.unet).per_frame else None)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         c_in, c_skip, c_out, c_noise = svd_preconditioning(sigma)

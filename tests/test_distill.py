@@ -59,8 +59,9 @@ def call(unet, inputs):
 
 
 # ---------------------------------------------------------------- the student
-def test_untrained_student_equals_teacher_for_any_w(tiny_unet):
-    student = make_student(tiny_unet)
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_untrained_student_equals_teacher_for_any_w(tiny_unet, per_frame):
+    student = make_student(tiny_unet, per_frame=per_frame)
     inputs = unet_inputs()
     expected = call(tiny_unet, inputs)
     for w in (torch.tensor([1.0, 3.0]), torch.tensor([0.0, 17.5]), torch.tensor([2.2])):
@@ -77,14 +78,37 @@ def test_untrained_student_equals_teacher_for_any_w(tiny_unet):
     assert "add_embedding.mlp.0.weight" not in tiny_unet.state_dict()  # the teacher is untouched
 
 
+def test_per_frame_student_embeds_each_frames_scale(tiny_unet):
+    """Per frame, frame f gets the embedding of min + (w - min) f / (F - 1): with min = w every frame gets w's,
+    which is what the per-video student adds once for the whole video; with min < w the frames differ."""
+    video = make_student(tiny_unet)
+    frame = make_student(tiny_unet, per_frame=True)
+    with torch.no_grad():
+        video.add_embedding.mlp[2].weight.normal_(0, 0.1)
+    frame.add_embedding.mlp.load_state_dict(video.add_embedding.mlp.state_dict())
+    inputs = unet_inputs()
+    w = torch.tensor([2.0, 3.0])
+    set_guidance(video, w)
+    set_guidance(frame, w, min_guidance=2.0)
+    assert not torch.allclose(call(frame, inputs)[1], call(video, inputs)[1])  # frame 0 of video 1 is at 2.0
+    set_guidance(frame, torch.tensor([2.0, 2.0]), min_guidance=2.0)
+    set_guidance(video, torch.tensor([2.0, 2.0]))
+    assert torch.allclose(call(frame, inputs), call(video, inputs), atol=1e-6)
+    set_guidance(frame, torch.tensor([1.0, 3.0]), min_guidance=1.0)
+    term = frame.add_embedding.frame_term(2, 3, torch.float32, "cpu")
+    expected = frame.add_embedding.embed(torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 3.0]), torch.float32)
+    assert torch.allclose(term, expected)
+
+
 def test_student_without_guidance_scale_is_an_error(tiny_unet):
     student = make_student(tiny_unet)
     with pytest.raises(RuntimeError, match="set_guidance"):
         call(student, unet_inputs())
 
 
-def test_save_and_load_student_round_trip(tiny_unet, tmp_path):
-    student = make_student(tiny_unet)
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_save_and_load_student_round_trip(tiny_unet, tmp_path, per_frame):
+    student = make_student(tiny_unet, per_frame=per_frame, min_guidance=0.5)
     with torch.no_grad():
         for p in student.add_embedding.mlp.parameters():
             p.normal_(0, 0.05)
@@ -97,11 +121,16 @@ def test_save_and_load_student_round_trip(tiny_unet, tmp_path):
                      "unet/diffusion_pytorch_model.safetensors"]
     loaded, meta = load_student(folder, torch.float32, "cpu")
     assert meta["kind"] == "guidance-distilled" and meta["steps"] == 8 and meta["teacher"] == "random:tiny"
+    assert meta["guidance_embedding"]["per_frame"] is per_frame and loaded.add_embedding.per_frame is per_frame
     inputs = unet_inputs()
     w = torch.tensor([1.5, 2.5])
     set_guidance(student, w)
     set_guidance(loaded, w)
     assert torch.equal(call(student, inputs), call(loaded, inputs))
+    half = save_student(student, tmp_path / "half", config, dtype=torch.float16)  # saved from a deep copy
+    set_guidance(student, w)
+    assert torch.equal(call(student, inputs), call(loaded, inputs))  # the original's hooks still see its own w
+    assert load_student(half, torch.float32, "cpu")[0].add_embedding.min_guidance == 0.5
     # the unet/ folder is a stock diffusers UNet (no guidance keys)
     from safetensors.torch import load_file
 
@@ -324,7 +353,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     meta = json.loads((student / "student.json").read_text())
     assert meta["steps"] == 2 and meta["sampler"] == "euler" and len(meta["sigmas"]) == 3
     assert meta["sigmas"][-1] == 0.0 and meta["teacher"] == "random:tiny"
-    assert meta["guidance"]["embedding_input"] == "max_guidance"
+    assert meta["guidance"]["embedding_input"] == "frame_scale" and meta["guidance_embedding"]["per_frame"]
     assert len((work / "loss.jsonl").read_text().splitlines()) == 4
     assert (work / "phase-0" / "student.json").is_file() and (work / "phase-1" / "student.json").is_file()
     loaded, _ = load_student(student, torch.float32, "cpu")
@@ -437,6 +466,7 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"data": "videos"}, "--data 'videos': choose teacher or stills"),
     ({"samples_per_image": 0}, "--samples-per-image must be at least 1"),
     ({"lr_schedule": "cosine"}, "lr schedule 'cosine': choose linear or constant"),
+    ({"guidance_input": "pixel"}, "guidance input 'pixel': choose frame or video"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):

@@ -36,6 +36,9 @@ def distill(
         "and kept in WORKDIR) or 'stills' (each still as a video without motion) [teacher].")] = None,
     samples_per_image: Annotated[int | None, typer.Option(
         "--samples-per-image", min=1, help="Teacher videos per still with --data teacher [4].")] = None,
+    guidance_input: Annotated[str | None, typer.Option(
+        "--guidance-input", help="What the guidance embedding sees: 'frame' (each frame's own scale, added to "
+        "that frame's time embedding) or 'video' (the video's max guidance) [frame].")] = None,
     lr_schedule: Annotated[str | None, typer.Option(
         "--lr-schedule", help="'linear' (annealed to zero within each phase) or 'constant' [linear].")] = None,
     size: Annotated[str | None, typer.Option(
@@ -60,7 +63,7 @@ def distill(
 
     given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
                  final_steps=final_steps, lr=lr, batch_size=batch_size, frames=frames, seed=seed, data=data,
-                 samples_per_image=samples_per_image, lr_schedule=lr_schedule)
+                 samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
