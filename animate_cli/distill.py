@@ -3,7 +3,7 @@ Guided Diffusion Models"; the step part is Salimans & Ho 2022, "Progressive Dist
 
 Phases, one resumable run (WORKDIR/checkpoint.safetensors):
   phase 0, stage 1 (guidance): the student (animate_cli.student: the teacher's UNet plus a zero-initialised
-      guidance embedding, of each frame's scale by default, else of the video's w) learns, in ONE pass, the
+      guidance embedding of the video's w, or optionally of each frame's scale) learns, in ONE pass, the
       teacher's classifier-free-guided output (two passes, uncond + cond, combined with SVD's per-frame scales
       rising linearly from min_guidance on the first frame to w = max_guidance on the last), w ~ U(guidance_range)
       per video, at sigmas drawn uniformly from the BASE grid (final_steps * 2**rounds steps, e.g. 32).
@@ -84,7 +84,7 @@ class DistillConfig:
     data: str = "teacher"  # x0: "teacher" (the teacher's own samples from each still) or "stills"
     samples_per_image: int = 4  # teacher samples per still (data = "teacher")
     lr_schedule: str = "linear"  # "linear": annealed to 0 within each phase; "constant"
-    guidance_input: str = "frame"  # the embedding gets each frame's scale ("frame") or the video's w ("video")
+    guidance_input: str = "video"  # the embedding gets each frame's scale ("frame") or the video's w ("video")
 
     @property
     def base_steps(self) -> int:

@@ -2,8 +2,10 @@
 teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-out clips, from the same noise.
 
     python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH]
+    python benchmarks/tiny_motion_distillation.py --write-stills FOLDER   # the stills the student was distilled on
 
-STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32.
+STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32. The stills are the
+first frames of 48 clips of animate_cli.clips' training stream (index 100000 + i, past what training used).
 """
 
 import argparse
@@ -28,7 +30,11 @@ def main() -> None:
     parser.add_argument("--max-guidance", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--write-stills", type=Path, default=None, metavar="FOLDER")
     args = parser.parse_args()
+    if args.write_stills is not None:
+        write_stills(args.write_stills)
+        return
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
     teacher = load_model("tiny-motion", torch.float32, cpu, progress=False)
@@ -64,6 +70,17 @@ def main() -> None:
         tmp.write_text(text + "\n")
         tmp.replace(args.json)
     print(text)
+
+
+def write_stills(folder: Path, n: int = 48) -> None:
+    from PIL import Image
+
+    from animate_cli import clips
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(clips.make_clip(0, 0, 100000 + i).frames[0]).save(folder / f"s{i:03d}.png")
+    print(f"{n} stills written to {folder}")
 
 
 if __name__ == "__main__":

@@ -343,7 +343,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     work, student = tmp_path / "work", tmp_path / "student"
     args = ["distill", images, "--model", "random:tiny", "--workdir", work, "--stage1-steps", "2", "--round-steps",
             "2", "--rounds", "1", "--final-steps", "2", "--size", "32x32", "--frames", "2", "--device", "cpu",
-            "--lr", "1e-4", "--out", student]
+            "--guidance-input", "frame", "--lr", "1e-4", "--out", student]
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().endswith("student")

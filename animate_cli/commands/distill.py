@@ -38,7 +38,7 @@ def distill(
         "--samples-per-image", min=1, help="Teacher videos per still with --data teacher [4].")] = None,
     guidance_input: Annotated[str | None, typer.Option(
         "--guidance-input", help="What the guidance embedding sees: 'frame' (each frame's own scale, added to "
-        "that frame's time embedding) or 'video' (the video's max guidance) [frame].")] = None,
+        "that frame's time embedding) or 'video' (the video's max guidance) [video].")] = None,
     lr_schedule: Annotated[str | None, typer.Option(
         "--lr-schedule", help="'linear' (annealed to zero within each phase) or 'constant' [linear].")] = None,
     size: Annotated[str | None, typer.Option(
