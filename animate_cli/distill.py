@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from animate_cli.checkpoint import load_checkpoint_file, save_checkpoint_file
 from animate_cli.errors import AnimateError
-from animate_cli.sampling import SCHEDULES
+from animate_cli.sampling import SCHEDULES, sample_euler
 from animate_cli.student import load_student, make_student, save_student, set_guidance
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -283,11 +283,16 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
     sigma = sigmas[k].float()
     eps = torch.randn(x0.shape, generator=g).to(device)
     z = x0 + sigma.to(device).view(-1, 1, 1, 1, 1) * eps
+    return Batch(index=index, w=w.to(device), k=k, sigma=sigma.to(device), z=z, sample=sample,
+                 **conditioning(data, index, c.frames, device))
+
+
+def conditioning(data: Data, index: torch.Tensor, frames: int, device) -> dict:
+    """Batch's embeds, latents (on every frame) and time_ids for the stills `index`, float32 on `device`."""
     i = index.to(data.embeds.device)
-    latents = data.image_latents[i].to(device).float().unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
-    embeds = data.embeds[i].to(device).float()
-    return Batch(index=index, w=w.to(device), k=k, sigma=sigma.to(device), z=z, embeds=embeds, latents=latents,
-                 time_ids=data.time_ids[i].to(device).float(), sample=sample)
+    return {"embeds": data.embeds[i].to(device).float(),
+            "latents": data.image_latents[i].to(device).float().unsqueeze(1).expand(-1, frames, -1, -1, -1),
+            "time_ids": data.time_ids[i].to(device).float()}
 
 
 # ---------------------------------------------------------------- the teacher's own samples
@@ -321,19 +326,17 @@ def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, de
     sig = sigmas.to(device)
     for start in range(0, n * per, c.batch_size):
         pick = torch.arange(start, min(start + c.batch_size, n * per))
-        i = image[pick].to(data.embeds.device)
-        batch = Batch(index=image[pick], w=w[pick].to(device), k=torch.zeros(len(pick), dtype=torch.long),
-                      sigma=sig[:1].expand(len(pick)), z=torch.empty(0), embeds=data.embeds[i].to(device).float(),
-                      latents=data.image_latents[i].to(device).float().unsqueeze(1).expand(-1, c.frames, -1, -1, -1),
-                      time_ids=data.time_ids[i].to(device).float())
-        x = torch.stack([noises[j] for j in pick.tolist()]).to(device) * sig[0]
-        for k in range(len(sig) - 1):
-            s0 = sig[k].expand(len(pick))
+        b = len(pick)
+        batch = Batch(index=image[pick], w=w[pick].to(device), k=torch.zeros(b, dtype=torch.long),
+                      sigma=sig[:1].expand(b), z=torch.empty(0), **conditioning(data, image[pick], c.frames, device))
+
+        def denoise(x, sigma, batch=batch, b=b):
             with autocast():
-                v = guided_teacher_v(unet, batch, x, s0, c.min_guidance, dtype)
-            x0 = x0_from_v(x, s0, v)
-            x = x0 + (sig[k + 1] / sig[k]) * (x - x0)
-        videos.append(x.float().cpu())
+                v = guided_teacher_v(unet, batch, x, sigma.expand(b), c.min_guidance, dtype)
+            return x0_from_v(x, sigma.expand(b), v)
+
+        noise = torch.stack([noises[j] for j in pick.tolist()]).to(device)
+        videos.append(sample_euler(denoise, noise * sig[0], sig).float().cpu())
         if progress is not None:
             progress("teacher samples", int(pick[-1]) + 1, n * per)
     return torch.cat(videos), image, w
