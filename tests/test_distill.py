@@ -343,7 +343,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     work, student = tmp_path / "work", tmp_path / "student"
     args = ["distill", images, "--model", "random:tiny", "--workdir", work, "--stage1-steps", "2", "--round-steps",
             "2", "--rounds", "1", "--final-steps", "2", "--size", "32x32", "--frames", "2", "--device", "cpu",
-            "--guidance-input", "frame", "--lr", "1e-4", "--out", student]
+            "--guidance-input", "frame", "--sigma-sampling", "lognormal", "--lr", "1e-4", "--out", student]
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().endswith("student")
@@ -354,6 +354,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     assert meta["steps"] == 2 and meta["sampler"] == "euler" and len(meta["sigmas"]) == 3
     assert meta["sigmas"][-1] == 0.0 and meta["teacher"] == "random:tiny"
     assert meta["guidance"]["embedding_input"] == "frame_scale" and meta["guidance_embedding"]["per_frame"]
+    assert meta["distillation"]["sigma_sampling"]["lognormal"] == [2.3, 1.5]
     assert len((work / "loss.jsonl").read_text().splitlines()) == 4
     assert (work / "phase-0" / "student.json").is_file() and (work / "phase-1" / "student.json").is_file()
     loaded, _ = load_student(student, torch.float32, "cpu")
@@ -467,7 +468,32 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"samples_per_image": 0}, "--samples-per-image must be at least 1"),
     ({"lr_schedule": "cosine"}, "lr schedule 'cosine': choose linear or constant"),
     ({"guidance_input": "pixel"}, "guidance input 'pixel': choose frame or video"),
+    ({"sigma_sampling": "cosine"}, "sigma sampling 'cosine': choose lognormal or uniform"),
+    ({"sigma_log_std": 0.0}, "--sigma-log-std must be positive"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):
         distill.open_session(dict(OPTIONS, **option), images, tmp_path / "work", torch.device("cpu"))
+
+
+def test_lognormal_sigma_sampling_favours_the_middle_of_the_grid_and_keeps_every_point():
+    import dataclasses
+
+    c = distill.DistillConfig(sigma_sampling="lognormal", sigma_log_mean=math.log(10.0), sigma_log_std=1.5)
+    sigmas = SCHEDULES["karras"](32, 0.002, 700.0)
+    p = distill.sigma_probabilities(c, sigmas)
+    assert p.shape == (32,) and p.sum().item() == pytest.approx(1.0)
+    nearest = int((sigmas[:32].log() - math.log(10.0)).abs().argmin())
+    assert int(p.argmax()) == nearest
+    assert p.min().item() >= distill.UNIFORM_SHARE / 32 - 1e-12  # the ends are still trained
+    assert p[nearest].item() > 10 * p[0].item()  # sigma 10 far more often than sigma 700
+    flat = distill.sigma_probabilities(dataclasses.replace(c, sigma_sampling="uniform"), sigmas)
+    assert torch.equal(flat, torch.full((32,), 1 / 32, dtype=torch.float64))
+    # draw_batch draws by these probabilities: a large batch's counts follow them
+    data = distill.Data(names=["a"], x0=torch.zeros(1, 4, 2, 2), embeds=torch.zeros(1, 1, 8),
+                        image_latents=torch.zeros(1, 4, 2, 2), time_ids=torch.zeros(1, 3))
+    big = dataclasses.replace(c, batch_size=20000, frames=1)
+    batch = distill.draw_batch(big, data, sigmas, 1, torch.device("cpu"))
+    counts = torch.bincount(batch.k, minlength=32).double() / 20000
+    assert (counts - p).abs().max().item() < 0.01
+    assert torch.equal(batch.sigma, sigmas[batch.k].float())

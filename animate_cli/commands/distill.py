@@ -41,6 +41,14 @@ def distill(
         "that frame's time embedding) or 'video' (the video's max guidance) [video].")] = None,
     lr_schedule: Annotated[str | None, typer.Option(
         "--lr-schedule", help="'linear' (annealed to zero within each phase) or 'constant' [linear].")] = None,
+    sigma_sampling: Annotated[str | None, typer.Option(
+        "--sigma-sampling", help="Which noise levels train: 'uniform' over the grid, or 'lognormal' (a normal "
+        "in log sigma, see --sigma-log-mean/--sigma-log-std, with a tenth spread evenly) [uniform].")]
+    = None,
+    sigma_log_mean: Annotated[float | None, typer.Option(
+        "--sigma-log-mean", help="Centre of the lognormal sigma sampling, in log sigma [2.3].")] = None,
+    sigma_log_std: Annotated[float | None, typer.Option(
+        "--sigma-log-std", help="Spread of the lognormal sigma sampling, in log sigma [1.5].")] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
@@ -63,7 +71,8 @@ def distill(
 
     given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
                  final_steps=final_steps, lr=lr, batch_size=batch_size, frames=frames, seed=seed, data=data,
-                 samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input)
+                 samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
+                 sigma_sampling=sigma_sampling, sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
