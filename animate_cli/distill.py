@@ -153,7 +153,7 @@ def sigma_probabilities(c: DistillConfig, sigmas: torch.Tensor) -> torch.Tensor:
     proportion to a normal density in log sigma (sigma_log_mean, sigma_log_std), mixed with UNIFORM_SHARE of
     uniform. The errors that move the final video most are the student's at middle noise levels (on tiny-motion,
     replacing the teacher by the stage-1 student on 4 of 32 steps moved the output 0.008-0.009 RMSE for sigma 45
-    to 3, 0.0005-0.001 for sigma 700 to 160); uniform draws spend a quarter of a Karras grid's steps above 127."""
+    to 4.5, 0.0005-0.001 for sigma 700 to 160); uniform draws spend a quarter of a Karras grid's steps above 127."""
     n = len(sigmas) - 1
     uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
     if c.sigma_sampling == "uniform":
