@@ -304,7 +304,7 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
         x0 = data.x0[index.to(data.x0.device)].to(device).unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
     lo, hi = c.guidance_range
     w = lo + (hi - lo) * torch.rand(b, generator=g)  # fresh w (not the sample's): the embedding learns all of w
-    if c.sigma_sampling == "uniform":
+    if c.sigma_sampling == "uniform":  # randint, as before the option: a uniform run's draws stay the same
         k = torch.randint(len(sigmas) - 1, (b,), generator=g)
     else:
         k = torch.multinomial(sigma_probabilities(c, sigmas), b, replacement=True, generator=g)
