@@ -177,7 +177,7 @@ def random_twin(model, seed: int = 0):
 
 # ---------------------------------------------------------------- a distilled student against its teacher
 def distillation_report(teacher, student, n: int = 32, max_guidance: float | None = None,
-                        min_guidance: float | None = None, batch: int = 8) -> dict:
+                        min_guidance: float | None = None, batch: int = 8, stage1=None) -> dict:
     """On n held-out clips of the teacher's held-out data, from the same seeds (video i: seed i): the teacher
     with guidance (two passes) and Euler (DDIM) on the base grid the student was distilled from ("teacher_base",
     e.g. 32 steps), the teacher the same way on the student's grid ("teacher_steps", e.g. 8: every 4th point of
@@ -185,7 +185,12 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
     the true clips, the still-frame baseline, and each one's distance to teacher_base.
 
     `teacher` and `student` are loaded models (animate_cli.models) of one architecture; the student's UNet
-    is a guidance-distilled one (animate_cli.runner.attach_student) whose student.json names its grid."""
+    is a guidance-distilled one (animate_cli.runner.attach_student) whose student.json names its grid.
+
+    `stage1`, the same run's stage-1 student (WORKDIR/phase-0: guidance folded in, still on the base grid), adds
+    "stages", which splits the student's distance in two: "guidance", stage 1 on the base grid against
+    teacher_base (what one pass loses); "steps", the student against stage 1 on the base grid (what the halving
+    rounds lose), beside stage 1 taking the student's steps without them (what plain Euler would lose)."""
     import dataclasses
 
     from animate_cli.pipeline import Settings
@@ -227,4 +232,21 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
               "distance_to_teacher_base": {name: sampler_distance(results[name]["generated"], reference)
                                            for name in ("teacher_steps", "student")}}
     report["errors_vs_truth"]["still_frame"] = results["teacher_base"]["still"]
+    if stage1 is not None:
+        report["stages"] = stage_distances(stage1, runs, results, n, batch, spec)
     return report
+
+
+def stage_distances(stage1, runs: dict, results: dict, n: int, batch: int, spec: dict) -> dict:
+    """distillation_report's "stages": the stage-1 student on the base grid and on the student's grid."""
+    base_settings, steps_settings = runs["teacher_base"][1], runs["student"][1]
+    meta = stage1.extras.get("student") or {}
+    sigmas = meta.get("sigmas", [])
+    if len(sigmas) != len(base_settings.sigmas) or not np.allclose(sigmas, base_settings.sigmas, rtol=1e-5):
+        raise ValueError("the stage-1 student was not distilled on the student's base grid (student.json 'sigmas')")
+    one_pass_base = evaluate(stage1, base_settings, n=n, batch=batch, spec=spec)["generated"]
+    one_pass_steps = evaluate(stage1, steps_settings, n=n, batch=batch, spec=spec)["generated"]
+    return {"guidance": {"stage1_base_vs_teacher_base": sampler_distance(one_pass_base,
+                                                                         results["teacher_base"]["generated"])},
+            "steps": {"student_vs_stage1_base": sampler_distance(results["student"]["generated"], one_pass_base),
+                      "stage1_steps_vs_stage1_base": sampler_distance(one_pass_steps, one_pass_base)}}

@@ -1,11 +1,13 @@
 """Writes benchmarks/tiny-motion-distillation.json: a distilled tiny-motion student at its steps against the
 teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-out clips, from the same noise.
 
-    python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH]
+    python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH] [--stage1 FOLDER]
     python benchmarks/tiny_motion_distillation.py --write-stills FOLDER   # the stills the student was distilled on
 
 STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32. The stills are the
 first frames of 48 clips of animate_cli.clips' training stream (index 100000 + i, past what training used).
+--stage1 WORKDIR/phase-0 (the same run's stage-1 student) adds "stages": how much of the student's distance
+comes from folding guidance into one pass and how much from the halving rounds.
 """
 
 import argparse
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--write-stills", type=Path, default=None, metavar="FOLDER")
+    parser.add_argument("--stage1", default=None, metavar="FOLDER")
     args = parser.parse_args()
     if args.write_stills is not None:
         write_stills(args.write_stills)
@@ -40,14 +43,19 @@ def main() -> None:
     teacher = load_model("tiny-motion", torch.float32, cpu, progress=False)
     student = load_model("tiny-motion", torch.float32, cpu, progress=False)
     attach_student(student, args.student, torch.float32, cpu)
+    stage1 = None
+    if args.stage1 is not None:
+        stage1 = load_model("tiny-motion", torch.float32, cpu, progress=False)
+        attach_student(stage1, args.stage1, torch.float32, cpu)
     start = time.perf_counter()
-    report = quality.distillation_report(teacher, student, n=args.clips, max_guidance=args.max_guidance)
+    report = quality.distillation_report(teacher, student, n=args.clips, max_guidance=args.max_guidance,
+                                         stage1=stage1)
     meta = student.extras["student"]
     result = {
         "what": "a distilled tiny-motion student against its teacher, on held-out clips from the same noise",
         "command": "python benchmarks/tiny_motion_distillation.py " + " ".join(
             a for a in (args.student if args.student != str(packaged_model("tiny-motion") / "student") else "",
-                        f"--clips {args.clips}") if a),
+                        f"--clips {args.clips}", f"--stage1 {args.stage1}" if args.stage1 else "") if a),
         "machine": f"CPU ({platform.machine()}, {args.threads} threads), float32",
         "date": datetime.date.today().isoformat(),
         "animate": __version__, "torch": torch.__version__,

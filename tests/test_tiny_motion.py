@@ -145,3 +145,32 @@ def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
                                                                                         base[::8]]}})
     with pytest.raises(ValueError, match="not its base grid"):
         quality.distillation_report(model, bad, n=1)
+
+
+def test_distillation_report_splits_the_distance_into_stages(model):
+    """With the stage-1 student given: an untrained one (no guidance) on the base grid is the unguided teacher,
+    so the guidance part is 0 and the rest of the student's distance is the steps part; a stage-1 student on
+    another grid is refused."""
+    import dataclasses
+
+    from animate_cli.sampling import karras_sigmas
+    from animate_cli.student import make_student
+
+    cfg = model.scheduler_config
+    base = karras_sigmas(8, cfg["sigma_min"], cfg["sigma_max"])
+    schedule = {"name": "karras", "base_steps": 8, "stride": 2, "sigma_min": cfg["sigma_min"],
+                "sigma_max": cfg["sigma_max"]}
+    guidance = {"min_guidance": 1.0, "max_guidance_range": [1, 1]}
+    meta = {"sigmas": [float(x) for x in base[::2]], "guidance": guidance, "schedule": schedule}
+    student = dataclasses.replace(model, unet=make_student(model.unet), extras={**model.extras, "student": meta})
+    stage1_meta = {**meta, "sigmas": [float(x) for x in base], "schedule": {**schedule, "stride": 1}}
+    stage1 = dataclasses.replace(student, extras={**model.extras, "student": stage1_meta})
+    report = quality.distillation_report(model, student, n=2, batch=2, stage1=stage1)
+    stages = report["stages"]
+    assert stages["guidance"]["stage1_base_vs_teacher_base"]["rmse"] == 0
+    steps = stages["steps"]
+    assert steps["student_vs_stage1_base"] == report["distance_to_teacher_base"]["student"]
+    assert steps["stage1_steps_vs_stage1_base"] == steps["student_vs_stage1_base"]
+    assert steps["student_vs_stage1_base"]["rmse"] > 0
+    with pytest.raises(ValueError, match="stage-1 student was not distilled"):
+        quality.distillation_report(model, student, n=1, stage1=student)
