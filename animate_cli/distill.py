@@ -120,7 +120,7 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"{c.final_steps} steps x 2^{c.rounds} rounds = {c.base_steps} base steps: too many")
     lo, hi = c.guidance_range
     if not 0 <= lo <= hi:
-        raise AnimateError(f"guidance range {lo}..{hi}: expected 0 <= low <= high")
+        raise AnimateError(f"--guidance-range {lo} {hi}: expected 0 <= LOW <= HIGH")
     if not c.lr > 0:
         raise AnimateError(f"--lr must be positive, got {c.lr}")
     if c.data not in DATA_SOURCES:

@@ -343,7 +343,8 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     work, student = tmp_path / "work", tmp_path / "student"
     args = ["distill", images, "--model", "random:tiny", "--workdir", work, "--stage1-steps", "2", "--round-steps",
             "2", "--rounds", "1", "--final-steps", "2", "--size", "32x32", "--frames", "2", "--device", "cpu",
-            "--guidance-input", "frame", "--sigma-sampling", "lognormal", "--lr", "1e-4", "--out", student]
+            "--guidance-input", "frame", "--sigma-sampling", "lognormal", "--guidance-range", "2", "2.5",
+            "--lr", "1e-4", "--out", student]
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().endswith("student")
@@ -355,6 +356,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     assert meta["sigmas"][-1] == 0.0 and meta["teacher"] == "random:tiny"
     assert meta["guidance"]["embedding_input"] == "frame_scale" and meta["guidance_embedding"]["per_frame"]
     assert meta["distillation"]["sigma_sampling"]["lognormal"] == [2.3, 1.5]
+    assert meta["guidance"]["max_guidance_range"] == [2.0, 2.5]
     assert len((work / "loss.jsonl").read_text().splitlines()) == 4
     assert (work / "phase-0" / "student.json").is_file() and (work / "phase-1" / "student.json").is_file()
     loaded, _ = load_student(student, torch.float32, "cpu")
@@ -381,6 +383,8 @@ def test_cli_distill_bad_input_is_one_line(cli, tmp_path):
     (empty / "a.png").write_bytes(b"not a png")
     assert_user_error(cli("distill", empty, "--workdir", tmp_path / "w", "--device", "cpu", "--size", "3x"),
                       "--size '3x'")
+    assert_user_error(cli("distill", empty, "--workdir", tmp_path / "w", "--device", "cpu", "--model", "random:tiny",
+                          "--guidance-range", "3", "1"), "--guidance-range 3.0 1.0: expected 0 <= LOW <= HIGH")
 
 
 # ---------------------------------------------------------------- the teacher's samples as data

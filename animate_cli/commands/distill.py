@@ -36,6 +36,9 @@ def distill(
         "and kept in WORKDIR) or 'stills' (each still as a video without motion) [teacher].")] = None,
     samples_per_image: Annotated[int | None, typer.Option(
         "--samples-per-image", min=1, help="Teacher videos per still with --data teacher [4].")] = None,
+    guidance_range: Annotated[tuple[float, float] | None, typer.Option(
+        "--guidance-range", help="LOW HIGH: the max guidance each training video draws, uniformly; the student "
+        "is for guidance in this range (LOW = HIGH distils one value) [1 3].", show_default=False)] = None,
     guidance_input: Annotated[str | None, typer.Option(
         "--guidance-input", help="What the guidance embedding sees: 'frame' (each frame's own scale, added to "
         "that frame's time embedding) or 'video' (the video's max guidance) [video].")] = None,
@@ -72,6 +75,7 @@ def distill(
     given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
                  final_steps=final_steps, lr=lr, batch_size=batch_size, frames=frames, seed=seed, data=data,
                  samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
+                 guidance_range=tuple(guidance_range) if guidance_range is not None else None,
                  sigma_sampling=sigma_sampling, sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
