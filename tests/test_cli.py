@@ -176,6 +176,28 @@ def test_help(cli):
     assert "--preset" in result.stdout and "--seed" in result.stdout
 
 
+def test_help_shows_every_default_in_brackets(cli):
+    """Rich reads "[word]" in a help text as a style tag and drops it: every bracketed default an option's help
+    names must reach the rendered --help of its command."""
+    import re
+
+    import typer
+
+    from animate_cli.cli import app
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        result = cli(name, "--help", env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+        assert result.exit_code == 0, result.stderr
+        shown = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", result.stdout))
+        for param in command.params:
+            for default in re.findall(r"\[[^\]]+\]", (getattr(param, "help", None) or "").replace("\\[", "[")):
+                assert default in shown, f"animate {name} --help: {param.name}'s {default} is not shown"
+                checked += 1
+    assert checked >= 10
+
+
 # ---------------------------------------------------------------- real processes
 
 

@@ -19,7 +19,7 @@ def distill(
         "the same command again resumes from it.", show_default=False)],
     model: Annotated[str | None, typer.Option(
         "--model", help="Teacher: hub id, local folder in diffusers layout, or random:NAME "
-        "[stabilityai/stable-video-diffusion-img2vid-xt].")] = None,
+        "\\[stabilityai/stable-video-diffusion-img2vid-xt].")] = None,
     stage1_steps: Annotated[int | None, typer.Option(
         "--stage1-steps", min=0, help="Optimizer steps of stage 1 (guidance distillation) [2000].")] = None,
     round_steps: Annotated[int | None, typer.Option(
@@ -33,7 +33,7 @@ def distill(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Videos per step [1].")] = None,
     data: Annotated[str | None, typer.Option(
         "--data", help="What the student trains on: 'teacher' (videos the teacher makes from each still, made once "
-        "and kept in WORKDIR) or 'stills' (each still as a video without motion) [teacher].")] = None,
+        "and kept in WORKDIR) or 'stills' (each still as a video without motion) \\[teacher].")] = None,
     samples_per_image: Annotated[int | None, typer.Option(
         "--samples-per-image", min=1, help="Teacher videos per still with --data teacher [4].")] = None,
     guidance_range: Annotated[tuple[float, float] | None, typer.Option(
@@ -41,12 +41,12 @@ def distill(
         "is for guidance in this range (LOW = HIGH distils one value) [1 3].", show_default=False)] = None,
     guidance_input: Annotated[str | None, typer.Option(
         "--guidance-input", help="What the guidance embedding sees: 'frame' (each frame's own scale, added to "
-        "that frame's time embedding) or 'video' (the video's max guidance) [video].")] = None,
+        "that frame's time embedding) or 'video' (the video's max guidance) \\[video].")] = None,
     lr_schedule: Annotated[str | None, typer.Option(
-        "--lr-schedule", help="'linear' (annealed to zero within each phase) or 'constant' [linear].")] = None,
+        "--lr-schedule", help="'linear' (annealed to zero within each phase) or 'constant' \\[linear].")] = None,
     sigma_sampling: Annotated[str | None, typer.Option(
         "--sigma-sampling", help="Which noise levels train: 'uniform' over the grid, or 'lognormal' (a normal "
-        "in log sigma, see --sigma-log-mean/--sigma-log-std, with a tenth spread evenly) [uniform].")]
+        "in log sigma, see --sigma-log-mean/--sigma-log-std, with a tenth spread evenly) \\[uniform].")]
     = None,
     sigma_log_mean: Annotated[float | None, typer.Option(
         "--sigma-log-mean", help="Centre of the lognormal sigma sampling, in log sigma [2.3].")] = None,
