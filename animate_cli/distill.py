@@ -12,6 +12,12 @@ Phases, one resumable run (WORKDIR/checkpoint.safetensors):
       to land, with one DDIM step (= Euler on the EDM probability-flow ODE: x' = x0 + (s'/s) (x - x0)), where two
       DDIM steps of the previous phase's student (frozen, loaded from WORKDIR/phase-{r-1}) land: the target x0 is
       (z'' - (s_next/s) z) / (1 - s_next/s)  (z'' when s_next = 0). 32 -> 16 -> 8 steps with rounds = 2.
+  phase rounds + 1, stage 3 (optional, match_steps > 0; data = "teacher"): the final student samples from each
+      teacher sample's own initial noise, with its own few steps, and learns to land where the teacher's
+      32-step guided sample landed (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative
+      Models": the student's output against the teacher's, from the same noise), backpropagating through all of
+      its sampling steps. Stages 1 and 2 each match one step of a chain; this matches the end of the chain, which
+      is what a user sees, and corrects the errors the earlier stages leave and compound.
 Every grid is the base grid subsampled (base[::2**r]), so the grids nest exactly and the final sampler is the
 stock "euler" sampler over the explicit sigmas written to student.json.
 
@@ -91,17 +97,33 @@ class DistillConfig:
     sigma_sampling: str = "uniform"  # which grid points train: "uniform" over the grid, or "lognormal" in log sigma
     sigma_log_mean: float = 2.3  # lognormal: mean and spread of log sigma (2.3: sigma about 10)
     sigma_log_std: float = 1.5
+    match_steps: int = 0  # stage 3: optimizer steps matching the teacher's samples end to end (0: no stage 3)
+    match_lr: float | None = None  # stage 3's learning rate (None: lr)
 
     @property
     def base_steps(self) -> int:
         return self.final_steps * 2**self.rounds
 
+    @property
+    def last_phase(self) -> int:
+        return self.rounds + (1 if self.match_steps > 0 else 0)
+
+    def is_match(self, phase: int) -> bool:
+        """Whether `phase` is stage 3 (matching the teacher's samples end to end)."""
+        return phase == self.rounds + 1
+
     def phase_steps(self, phase: int) -> int:
-        return self.stage1_steps if phase == 0 else self.round_steps
+        if phase == 0:
+            return self.stage1_steps
+        return self.match_steps if self.is_match(phase) else self.round_steps
+
+    def phase_lr(self, phase: int) -> float:
+        return self.match_lr if self.is_match(phase) and self.match_lr is not None else self.lr
 
     def student_steps(self, phase: int) -> int:
-        """Sampling steps the student of `phase` is trained for (32, 16, 8 with the defaults)."""
-        return self.base_steps // 2 ** phase
+        """Sampling steps the student of `phase` is trained for (32, 16, 8 with the defaults; stage 3 keeps the
+        final count)."""
+        return self.base_steps // 2 ** min(phase, self.rounds)
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
@@ -112,8 +134,8 @@ class DistillConfig:
 def check_config(c: DistillConfig) -> None:
     if c.schedule not in SCHEDULES or c.schedule == "animatelcm":
         raise AnimateError(f"schedule {c.schedule!r}: choose karras or log_sigma")
-    for name in ("stage1_steps", "round_steps", "rounds", "final_steps", "batch_size"):
-        low = 0 if name in ("stage1_steps", "round_steps", "rounds") else 1
+    for name in ("stage1_steps", "round_steps", "rounds", "final_steps", "batch_size", "match_steps"):
+        low = 0 if name in ("stage1_steps", "round_steps", "rounds", "match_steps") else 1
         if getattr(c, name) < low:
             raise AnimateError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(c, name)}")
     if c.base_steps > 1024:
@@ -123,10 +145,14 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"--guidance-range {lo} {hi}: expected 0 <= LOW <= HIGH")
     if not c.lr > 0:
         raise AnimateError(f"--lr must be positive, got {c.lr}")
+    if c.match_lr is not None and not c.match_lr > 0:
+        raise AnimateError(f"--match-lr must be positive, got {c.match_lr}")
     if c.data not in DATA_SOURCES:
         raise AnimateError(f"--data {c.data!r}: choose {' or '.join(DATA_SOURCES)}")
     if c.samples_per_image < 1:
         raise AnimateError(f"--samples-per-image must be at least 1, got {c.samples_per_image}")
+    if c.match_steps > 0 and c.data != "teacher":
+        raise AnimateError("--match-steps needs --data teacher: stage 3 matches the teacher's own samples")
     if c.guidance_input not in GUIDANCE_INPUTS:
         raise AnimateError(f"guidance input {c.guidance_input!r}: choose {' or '.join(GUIDANCE_INPUTS)}")
     if c.sigma_sampling not in SIGMA_SAMPLINGS:
@@ -174,6 +200,7 @@ class Data:
     videos: torch.Tensor | None = None  # [M, F, C, h, w] the teacher's samples (data = "teacher"), float32
     video_image: torch.Tensor | None = None  # [M] the still each sample was made from
     video_w: torch.Tensor | None = None  # [M] the guidance (max_guidance) each sample was made with
+    video_noise: torch.Tensor | None = None  # [M, F, C, h, w] the unit noise each sample started from
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -315,6 +342,18 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
                  **conditioning(data, index, c.frames, device))
 
 
+def draw_match_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
+    """Stage 3: teacher samples, each with the still, w and initial noise it was made from (z: the noise at
+    sigmas[0]); a function of (seed, global_step) alone."""
+    g = step_generator(c, global_step)
+    sample = torch.randint(len(data.videos), (c.batch_size,), generator=g)
+    index = data.video_image[sample]
+    sigma = sigmas[:1].float().expand(len(sample))
+    z = data.video_noise[sample].to(device) * sigma.to(device).view(-1, 1, 1, 1, 1)
+    return Batch(index=index, w=data.video_w[sample].to(device), k=torch.zeros(len(sample), dtype=torch.long),
+                 sigma=sigma.to(device), z=z, sample=sample, **conditioning(data, index, c.frames, device))
+
+
 def conditioning(data: Data, index: torch.Tensor, frames: int, device) -> dict:
     """Batch's embeds, latents (on every frame) and time_ids for the stills `index`, float32 on `device`."""
     i = index.to(data.embeds.device)
@@ -389,6 +428,7 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
         if meta == want:
             t = load_file(str(path))
             s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
+            s.data.video_noise = sample_noises(c, s.data)
             return
         log(f"{path.name} was made for another run: making it again")
     total = len(s.data.names) * c.samples_per_image
@@ -410,6 +450,13 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
               metadata={"fingerprint": json.dumps(want)})
     tmp.replace(path)
     s.data.videos, s.data.video_image, s.data.video_w = videos, image, w
+    s.data.video_noise = sample_noises(c, s.data)
+
+
+def sample_noises(c: DistillConfig, data: Data) -> torch.Tensor:
+    """[M, F, C, h, w]: the unit noise each teacher sample started from (sample_draw, again)."""
+    shape = (c.frames, *data.x0.shape[1:])
+    return torch.stack([sample_draw(c, j, shape)[1] for j in range(len(data.videos))])
 
 
 # ---------------------------------------------------------------- targets and loss
@@ -437,7 +484,21 @@ def stage2_target(s: Session, batch: Batch) -> torch.Tensor:
     return v_from_x0(z, s0, target_x0)
 
 
+def student_sample(s: Session, batch: Batch) -> torch.Tensor:
+    """Stage 3: the student's own DDIM (Euler) sampling on its grid from batch.z, differentiable end to end."""
+    sig = s.sigmas.to(s.device)
+    x = batch.z
+    for i in range(len(sig) - 1):
+        a = sig[i].expand(len(x))
+        with s.autocast():
+            x0 = x0_from_v(x, a, student_v(s.student, batch, x, a, torch.float32))
+        x = x0 + (sig[i + 1] / sig[i]) * (x - x0)
+    return x
+
+
 def batch_loss(s: Session, batch: Batch) -> torch.Tensor:
+    if s.config.is_match(s.phase):  # the student's sample against the teacher's, from the same noise
+        return F.mse_loss(student_sample(s, batch), s.data.videos[batch.sample].to(s.device))
     target = stage1_target(s, batch) if s.phase == 0 else stage2_target(s, batch)
     with s.autocast():
         v = student_v(s.student, batch, batch.z, batch.sigma, torch.float32)
@@ -465,7 +526,7 @@ class Session:
 
     @property
     def done(self) -> bool:
-        return self.phase > self.config.rounds
+        return self.phase > self.config.last_phase
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -481,7 +542,13 @@ class Session:
 def phase_name(c: DistillConfig, phase: int) -> str:
     if phase == 0:
         return f"stage 1: guidance, {c.student_steps(0)} steps"
+    if c.is_match(phase):
+        return f"stage 3: {c.final_steps} steps matching the teacher's {c.base_steps}-step samples"
     return f"stage 2 round {phase}/{c.rounds}: {c.student_steps(phase - 1)} -> {c.student_steps(phase)} steps"
+
+
+def stage_number(c: DistillConfig, phase: int) -> int:
+    return 1 if phase == 0 else 3 if c.is_match(phase) else 2
 
 
 def phase_folder(workdir: Path, phase: int) -> Path:
@@ -544,6 +611,8 @@ def load_teacher(s: Session) -> None:
     """Phase 0: the original UNet; phase r: the student that phase r - 1 saved (frozen, in the teacher dtype)."""
     if s.done:
         s.teacher = None
+    elif s.config.is_match(s.phase):  # stage 3's targets are the teacher's samples, already made
+        s.teacher, s.base_unet = None, None
     elif s.phase == 0:
         s.teacher = s.base_unet
     else:
@@ -551,7 +620,7 @@ def load_teacher(s: Session) -> None:
         s.base_unet = None  # not needed any more
 
 
-STEP_COUNTS = ("stage1_steps", "round_steps")
+STEP_COUNTS = ("stage1_steps", "round_steps", "match_steps", "match_lr")
 
 
 def merge_config(saved: DistillConfig, options: dict, phase: int) -> DistillConfig:
@@ -568,7 +637,7 @@ def merge_config(saved: DistillConfig, options: dict, phase: int) -> DistillConf
         if name not in STEP_COUNTS:
             raise AnimateError(f"{flag(name)} {new} differs from the run in this workdir ({old}); "
                                "use another --workdir to start over")
-        finished = phase > 0 if name == "stage1_steps" else phase > saved.rounds
+        finished = phase > {"stage1_steps": 0, "round_steps": saved.rounds}.get(name, saved.rounds + 1)
         if finished:
             raise AnimateError(f"{flag(name)}: its phase is finished in this workdir (was {old}); "
                                "use another --workdir to start over")
@@ -645,7 +714,8 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
     """One optimizer step on `batch` (default: the step's own batch); advances the counters."""
     c = s.config
     if batch is None:
-        batch = draw_batch(c, s.data, s.sigmas, s.global_step + 1, s.device)
+        draw = draw_match_batch if c.is_match(s.phase) else draw_batch
+        batch = draw(c, s.data, s.sigmas, s.global_step + 1, s.device)
     s.student.train()
     loss = batch_loss(s, batch)
     s.optimizer.zero_grad(set_to_none=True)
@@ -653,7 +723,8 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
     if c.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(s.student.parameters(), c.grad_clip)
     factor = lr_factor(c, s.phase, s.step)
-    for group, base in zip(s.optimizer.param_groups, (c.lr, c.lr * c.guidance_lr_mult), strict=True):
+    lr = c.phase_lr(s.phase)
+    for group, base in zip(s.optimizer.param_groups, (lr, lr * c.guidance_lr_mult), strict=True):
         group["lr"] = base * factor
     s.optimizer.step()
     s.step += 1
@@ -692,6 +763,7 @@ def sampler_config(s: Session, phase: int) -> dict:
                          {"lognormal": [c.sigma_log_mean, c.sigma_log_std], "uniform_share": UNIFORM_SHARE},
                          "images": len(s.data.names), "data": c.data,
                          "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
+                         "match_steps": c.match_steps, "match_lr": c.match_lr if c.match_steps else None,
                          "global_step": s.global_step},
     }
 
@@ -726,9 +798,9 @@ def run(s: Session, checkpoint_every: int = 100, log_every: int = 10, log=print,
             recent.append(loss)
             extra = s.extras["last_batch"]
             loss_file.write(json.dumps({"global_step": s.global_step, "phase": s.phase,
-                                        "stage": 1 if s.phase == 0 else 2, "round": s.phase, "step": s.step,
+                                        "stage": stage_number(c, s.phase), "round": s.phase, "step": s.step,
                                         "loss": loss, "sigma": extra["sigma"], "w": extra["w"],
-                                        "lr": c.lr * lr_factor(c, s.phase, s.step - 1),
+                                        "lr": c.phase_lr(s.phase) * lr_factor(c, s.phase, s.step - 1),
                                         "time": round(time.time(), 3)}) + "\n")
             loss_file.flush()
             if progress is not None:
@@ -750,4 +822,4 @@ def export(s: Session, folder: Path, dtype: torch.dtype | None = torch.float16) 
     """The final student (the last phase's) as a student folder a preset reads."""
     if not s.done:
         raise AnimateError(f"nothing to export yet: the run is in {phase_name(s.config, s.phase)}")
-    return save_student(s.student, folder, sampler_config(s, s.config.rounds), dtype=dtype)
+    return save_student(s.student, folder, sampler_config(s, s.config.last_phase), dtype=dtype)

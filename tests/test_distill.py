@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_user_error
 from PIL import Image
 
 from animate_cli import distill
@@ -19,7 +20,6 @@ from animate_cli.student import (
     save_student,
     set_guidance,
 )
-from tests.conftest import assert_user_error
 
 OPTIONS = dict(model="random:tiny", width=32, height=32, frames=2, stage1_steps=2, round_steps=2, rounds=1,
                final_steps=2, lr=1e-3)
@@ -338,6 +338,85 @@ def test_checkpoint_resumes_to_the_same_state(images, tmp_path):
     assert all(math.isfinite(e["loss"]) for e in log)
 
 
+def test_stage3_samples_as_the_preset_does_and_pairs_each_teacher_sample_with_its_noise(images, tmp_path):
+    import dataclasses
+
+    from animate_cli.models import build_random
+    from animate_cli.pipeline import Conditioning
+    from animate_cli.sampling import sample_euler
+    from animate_cli.student import make_student_denoiser
+
+    s = distill.open_session(dict(OPTIONS, match_steps=3, samples_per_image=2), images, tmp_path / "work",
+                             torch.device("cpu"))
+    c = s.config
+    assert (c.last_phase, c.student_steps(2), c.phase_steps(2)) == (2, 2, 3)
+    distill.run(s, until=4, log=lambda m: None)
+    distill.end_phase(s, log=lambda m: None)  # rounds done: stage 3, no teacher UNet (its samples are the targets)
+    assert s.phase == 2 and c.is_match(2) and s.teacher is None and not s.done
+    batch = distill.draw_match_batch(c, s.data, s.sigmas, 9, s.device)
+    j, i = batch.sample[0].item(), batch.index[0].item()
+    w, noise = distill.sample_draw(c, j, (2, 4, 16, 16))
+    assert batch.w[0].item() == pytest.approx(w) and torch.equal(batch.z[0], noise * s.sigmas[0])
+    assert i == s.data.video_image[j].item()
+    # the teacher's guided Euler from that noise on the base grid lands on the sample: the pair is right
+    model = build_random("tiny", torch.float32, torch.device("cpu"))
+    one = dataclasses.replace(batch, **{k: getattr(batch, k)[:1] for k in ("index", "w", "sigma", "z", "embeds",
+                                                                             "latents", "time_ids", "sample")})
+    base = distill.base_sigmas(c, s.scheduler_config)
+    with torch.no_grad():
+        teacher = sample_euler(lambda x, a: distill.x0_from_v(x, a.view(1), distill.guided_teacher_v(
+            model.unet, one, x, a.view(1), c.min_guidance, torch.float32)), one.z, base)
+    assert torch.allclose(teacher, s.data.videos[j:j + 1], atol=1e-4 * (1 + teacher.abs().max().item()))
+    # the student's sample is what the distilled preset's Euler sampler makes from the same noise
+    cond = Conditioning(s.data.embeds[i:i + 1], s.data.image_latents[i:i + 1], s.data.time_ids[i:i + 1])
+    settings = distill_settings(c, w)
+    with torch.no_grad():
+        ours = distill.student_sample(s, one)
+        preset = sample_euler(make_student_denoiser(dataclasses.replace(model, unet=s.student.eval()), cond, settings),
+                              one.z, s.sigmas)
+    assert torch.allclose(ours, preset, atol=1e-4 * (1 + preset.abs().max().item()))
+    first = distill.batch_loss(s, batch).item()
+    assert first == pytest.approx(torch.mean((distill.student_sample(s, batch) - s.data.videos[batch.sample]) ** 2)
+                                  .item(), rel=1e-5)
+    losses = [distill.train_step(s, batch) for _ in range(5)]
+    with torch.no_grad():
+        last = distill.batch_loss(s, batch).item()
+    assert losses[0] == pytest.approx(first, rel=1e-5) and last < 0.7 * first, (first, losses, last)
+
+
+def distill_settings(c, w):
+    from animate_cli.pipeline import Settings
+
+    return Settings(width=c.width, height=c.height, frames=c.frames, steps=c.final_steps, fps=c.fps, motion=c.motion,
+                    noise_aug=c.noise_aug, min_guidance=c.min_guidance, max_guidance=w, decode_chunk=2,
+                    sampler="euler", schedule="karras")
+
+
+def test_stage3_resumes_and_can_follow_a_finished_run(images, tmp_path):
+    work = tmp_path / "work"
+    s = distill.open_session(OPTIONS, images, work, torch.device("cpu"))
+    distill.run(s, log=lambda m: None)
+    assert s.done and s.global_step == 4
+    with pytest.raises(AnimateError, match="--stage1-steps: its phase is finished"):
+        distill.open_session(dict(OPTIONS, stage1_steps=5), images, work, torch.device("cpu"))
+    more = dict(OPTIONS, match_steps=3, match_lr=5e-4)
+    resumed = distill.open_session(more, images, work, torch.device("cpu"))  # a finished run gains stage 3
+    assert not resumed.done and resumed.config.is_match(resumed.phase) and resumed.step == 0
+    distill.run(resumed, until=6, log=lambda m: None)
+    again = distill.open_session(more, images, work, torch.device("cpu"))
+    assert (again.phase, again.step, again.global_step) == (2, 2, 6)
+    assert distill.train_step(again) == distill.train_step(resumed)  # the next loss, bit for bit
+    log = [json.loads(line) for line in (work / distill.LOSS_LOG).read_text().splitlines()]
+    assert [e["stage"] for e in log] == [1, 1, 2, 2, 3, 3]
+    assert [e["lr"] for e in log[4:]] == pytest.approx([5e-4, 5e-4 * 2 / 3])
+    distill.run(again, log=lambda m: None)
+    assert again.done
+    folder = distill.export(again, tmp_path / "student")
+    meta = json.loads((folder / "student.json").read_text())
+    assert meta["steps"] == 2 and len(meta["sigmas"]) == 3
+    assert meta["distillation"]["match_steps"] == 3 and meta["distillation"]["phase"] == 2
+
+
 # ---------------------------------------------------------------- the command
 def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     work, student = tmp_path / "work", tmp_path / "student"
@@ -474,6 +553,8 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"guidance_input": "pixel"}, "guidance input 'pixel': choose frame or video"),
     ({"sigma_sampling": "cosine"}, "sigma sampling 'cosine': choose lognormal or uniform"),
     ({"sigma_log_std": 0.0}, "--sigma-log-std must be positive"),
+    ({"match_steps": 2, "data": "stills"}, "--match-steps needs --data teacher"),
+    ({"match_lr": 0.0}, "--match-lr must be positive"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):

@@ -28,6 +28,12 @@ def distill(
         "--rounds", min=0, help="Step-halving rounds: the student starts at final-steps x 2^rounds [2].")] = None,
     final_steps: Annotated[int | None, typer.Option(
         "--final-steps", min=1, help="Sampling steps of the final student [8].")] = None,
+    match_steps: Annotated[int | None, typer.Option(
+        "--match-steps", min=0, help="Optimizer steps of stage 3: the final student, sampling from each teacher "
+        "video's own noise, learns to land where the teacher's 32-step video did (needs --data teacher) [0: none]."
+    )] = None,
+    match_lr: Annotated[float | None, typer.Option(
+        "--match-lr", min=0.0, help="Learning rate of stage 3 (default: --lr).", show_default=False)] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate [1e-5]; the new "
                                              "guidance embedding gets 10x.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Videos per step [1].")] = None,
@@ -64,7 +70,8 @@ def distill(
     log_every: Annotated[int, typer.Option("--log-every", min=1)] = 10,
 ) -> None:
     """Distil the model into a guidance-conditioned student that samples in one UNet pass per step and few steps
-    (Meng et al. 2023): stage 1 learns classifier-free guidance, then each round halves the steps (32 -> 16 -> 8).
+    (Meng et al. 2023): stage 1 learns classifier-free guidance, then each round halves the steps (32 -> 16 -> 8);
+    an optional stage 3 (--match-steps) fits the final student's videos to the teacher's, end to end.
 
     Resumes from WORKDIR/checkpoint.safetensors. Writes WORKDIR/phase-N/ after each phase, and the final student
     (diffusers layout, safetensors) to --out.
@@ -73,7 +80,8 @@ def distill(
     from animate_cli.runner import resolve_device
 
     given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
-                 final_steps=final_steps, lr=lr, batch_size=batch_size, frames=frames, seed=seed, data=data,
+                 final_steps=final_steps, match_steps=match_steps, match_lr=match_lr, lr=lr,
+                 batch_size=batch_size, frames=frames, seed=seed, data=data,
                  samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
                  guidance_range=tuple(guidance_range) if guidance_range is not None else None,
                  sigma_sampling=sigma_sampling, sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std)
@@ -102,7 +110,8 @@ def distill(
         c = session.config
         log(f"{'resumed at step ' + str(session.global_step) if session.global_step else 'new run'}: {c.model}, "
             f"{len(session.data.names)} images at {c.width}x{c.height}, {c.frames} frames, {torch_device}; "
-            f"{c.base_steps} -> {c.final_steps} steps in {c.rounds} rounds; data: {c.data}")
+            f"{c.base_steps} -> {c.final_steps} steps in {c.rounds} rounds"
+            f"{f', then {c.match_steps} matching steps' if c.match_steps else ''}; data: {c.data}")
         d.run(session, checkpoint_every=checkpoint_every, log_every=log_every, log=log, progress=progress,
               step_lines=progress is None)
     folder = d.export(session, out_dir)
