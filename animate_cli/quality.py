@@ -177,7 +177,7 @@ def random_twin(model, seed: int = 0):
 
 # ---------------------------------------------------------------- a distilled student against its teacher
 def distillation_report(teacher, student, n: int = 32, max_guidance: float | None = None,
-                        min_guidance: float | None = None, batch: int = 8, stage1=None) -> dict:
+                        min_guidance: float | None = None, batch: int = 8, stage1=None, before_match=None) -> dict:
     """On n held-out clips of the teacher's held-out data, from the same seeds (video i: seed i): the teacher
     with guidance (two passes) and Euler (DDIM) on the base grid the student was distilled from ("teacher_base",
     e.g. 32 steps), the teacher the same way on the student's grid ("teacher_steps", e.g. 8: every 4th point of
@@ -190,7 +190,10 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
     `stage1`, the same run's stage-1 student (WORKDIR/phase-0: guidance folded in, still on the base grid), adds
     "stages", which splits the student's distance in two: "guidance", stage 1 on the base grid against
     teacher_base (what one pass loses); "steps", the student against stage 1 on the base grid (what the halving
-    rounds lose), beside stage 1 taking the student's steps without them (what plain Euler would lose)."""
+    rounds lose), beside stage 1 taking the student's steps without them (what plain Euler would lose).
+
+    `before_match`, the same run's student before stage 3 (WORKDIR/phase-ROUNDS, on the student's grid), adds
+    "before_match": its distance to teacher_base and its errors against the truth, to set beside the student's."""
     import dataclasses
 
     from animate_cli.pipeline import Settings
@@ -234,6 +237,13 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
     report["errors_vs_truth"]["still_frame"] = results["teacher_base"]["still"]
     if stage1 is not None:
         report["stages"] = stage_distances(stage1, runs, results, n, batch, spec)
+    if before_match is not None:
+        earlier = (before_match.extras.get("student") or {}).get("sigmas", [])
+        if len(earlier) != len(grid) or not np.allclose(earlier, grid, rtol=1e-5):
+            raise ValueError("the student before stage 3 is not on the student's grid (student.json 'sigmas')")
+        r = evaluate(before_match, runs["student"][1], n=n, batch=batch, spec=spec)
+        report["before_match"] = {"distance_to_teacher_base": sampler_distance(r["generated"], reference),
+                                  "errors_vs_truth": r["model"]}
     return report
 
 

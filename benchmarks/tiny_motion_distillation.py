@@ -2,12 +2,14 @@
 teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-out clips, from the same noise.
 
     python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH] [--stage1 FOLDER]
-    python benchmarks/tiny_motion_distillation.py --write-stills FOLDER   # the stills the student was distilled on
+        [--before FOLDER]
+    python benchmarks/tiny_motion_distillation.py --write-stills FOLDER [--stills N]  # the stills distilled on
 
 STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32. The stills are the
-first frames of 48 clips of animate_cli.clips' training stream (index 100000 + i, past what training used).
+first frames of N clips of animate_cli.clips' training stream (index 100000 + i, past what training used).
 --stage1 WORKDIR/phase-0 (the same run's stage-1 student) adds "stages": how much of the student's distance
-comes from folding guidance into one pass and how much from the halving rounds.
+comes from folding guidance into one pass and how much from the halving rounds. --before WORKDIR/phase-2 (the
+same run's student before stage 3) adds "before_match": what stage 3 changed.
 """
 
 import argparse
@@ -24,6 +26,8 @@ from animate_cli import __version__, quality
 from animate_cli.models import load_model, packaged_model
 from animate_cli.student import attach_student
 
+STILLS = 48  # how many stills the shipped student was distilled on
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,9 +38,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--write-stills", type=Path, default=None, metavar="FOLDER")
     parser.add_argument("--stage1", default=None, metavar="FOLDER")
+    parser.add_argument("--before", default=None, metavar="FOLDER")
+    parser.add_argument("--stills", type=int, default=STILLS, metavar="N")
     args = parser.parse_args()
     if args.write_stills is not None:
-        write_stills(args.write_stills)
+        write_stills(args.write_stills, args.stills)
         return
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -47,15 +53,20 @@ def main() -> None:
     if args.stage1 is not None:
         stage1 = load_model("tiny-motion", torch.float32, cpu, progress=False)
         attach_student(stage1, args.stage1, torch.float32, cpu)
+    before = None
+    if args.before is not None:
+        before = load_model("tiny-motion", torch.float32, cpu, progress=False)
+        attach_student(before, args.before, torch.float32, cpu)
     start = time.perf_counter()
     report = quality.distillation_report(teacher, student, n=args.clips, max_guidance=args.max_guidance,
-                                         stage1=stage1)
+                                         stage1=stage1, before_match=before)
     meta = student.extras["student"]
     result = {
         "what": "a distilled tiny-motion student against its teacher, on held-out clips from the same noise",
         "command": "python benchmarks/tiny_motion_distillation.py " + " ".join(
             a for a in (args.student if args.student != str(packaged_model("tiny-motion") / "student") else "",
-                        f"--clips {args.clips}", f"--stage1 {args.stage1}" if args.stage1 else "") if a),
+                        f"--clips {args.clips}", f"--stage1 {args.stage1}" if args.stage1 else "",
+                        f"--before {args.before}" if args.before else "") if a),
         "machine": f"CPU ({platform.machine()}, {args.threads} threads), float32",
         "date": datetime.date.today().isoformat(),
         "animate": __version__, "torch": torch.__version__,
@@ -80,7 +91,7 @@ def main() -> None:
     print(text)
 
 
-def write_stills(folder: Path, n: int = 48) -> None:
+def write_stills(folder: Path, n: int) -> None:
     from PIL import Image
 
     from animate_cli import clips

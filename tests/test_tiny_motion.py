@@ -174,3 +174,34 @@ def test_distillation_report_splits_the_distance_into_stages(model):
     assert steps["student_vs_stage1_base"]["rmse"] > 0
     with pytest.raises(ValueError, match="stage-1 student was not distilled"):
         quality.distillation_report(model, student, n=1, stage1=student)
+
+
+def test_distillation_report_sets_the_student_before_stage3_beside_it(model):
+    """The same untrained student given as the one before stage 3 scores exactly as the student; a trained-looking
+    change (a nonzero guidance embedding, guidance 3) moves it; one on another grid is refused."""
+    import dataclasses
+
+    from animate_cli.sampling import karras_sigmas
+    from animate_cli.student import guided_embedding, make_student
+
+    cfg = model.scheduler_config
+    base = karras_sigmas(8, cfg["sigma_min"], cfg["sigma_max"])
+    meta = {"sigmas": [float(x) for x in base[::2]], "guidance": {"min_guidance": 1.0, "max_guidance_range": [3, 3]},
+            "schedule": {"name": "karras", "base_steps": 8, "stride": 2, "sigma_min": cfg["sigma_min"],
+                         "sigma_max": cfg["sigma_max"]}}
+    student = dataclasses.replace(model, unet=make_student(model.unet), extras={**model.extras, "student": meta})
+    same = quality.distillation_report(model, student, n=2, batch=2, before_match=student)["before_match"]
+    report = quality.distillation_report(model, student, n=2, batch=2)
+    assert same["distance_to_teacher_base"] == report["distance_to_teacher_base"]["student"]
+    assert same["errors_vs_truth"] == report["errors_vs_truth"]["student"]
+    moved_unet = make_student(model.unet)
+    with torch.no_grad():
+        for p in guided_embedding(moved_unet).mlp.parameters():
+            p.add_(0.05)
+    moved = dataclasses.replace(student, unet=moved_unet)
+    other = quality.distillation_report(model, student, n=2, batch=2, before_match=moved)["before_match"]
+    assert other["distance_to_teacher_base"]["rmse"] != report["distance_to_teacher_base"]["student"]["rmse"]
+    off_grid = dataclasses.replace(student, extras={**model.extras, "student": {**meta, "sigmas": [float(x) for x in
+                                                                                             base]}})
+    with pytest.raises(ValueError, match="before stage 3 is not on the student's grid"):
+        quality.distillation_report(model, student, n=1, before_match=off_grid)
