@@ -121,20 +121,30 @@ def test_shipped_student_one_pass_per_step_and_beats_the_still_frame():
     assert result["model"]["mse"] < result["still"]["mse"]
 
 
-def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
-    """An untrained student without guidance is the unguided teacher: on the student's grid it must land exactly
-    where the teacher does, and the report must say so; a grid that is not the base grid's is refused."""
+def untrained_student(model, base_steps: int, stride: int, max_guidance: float = 1.0):
+    """(the teacher as an untrained student whose student.json names the `stride`-th points of a Karras
+    `base_steps`-step grid, that base grid)."""
     import dataclasses
 
     from animate_cli.sampling import karras_sigmas
     from animate_cli.student import make_student
 
     cfg = model.scheduler_config
-    base = karras_sigmas(16, cfg["sigma_min"], cfg["sigma_max"])
-    meta = {"sigmas": [float(x) for x in base[::4]], "guidance": {"min_guidance": 1.0, "max_guidance_range": [1, 1]},
-            "schedule": {"name": "karras", "base_steps": 16, "stride": 4, "sigma_min": cfg["sigma_min"],
+    base = karras_sigmas(base_steps, cfg["sigma_min"], cfg["sigma_max"])
+    meta = {"sigmas": [float(x) for x in base[::stride]],
+            "guidance": {"min_guidance": 1.0, "max_guidance_range": [1, max_guidance]},
+            "schedule": {"name": "karras", "base_steps": base_steps, "stride": stride, "sigma_min": cfg["sigma_min"],
                          "sigma_max": cfg["sigma_max"]}}
-    student = dataclasses.replace(model, unet=make_student(model.unet), extras={**model.extras, "student": meta})
+    return dataclasses.replace(model, unet=make_student(model.unet), extras={**model.extras, "student": meta}), base
+
+
+def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
+    """An untrained student without guidance is the unguided teacher: on the student's grid it must land exactly
+    where the teacher does, and the report must say so; a grid that is not the base grid's is refused."""
+    import dataclasses
+
+    student, base = untrained_student(model, 16, 4)
+    meta = student.extras["student"]
     report = quality.distillation_report(model, student, n=2, batch=2)
     assert report["steps"] == {"teacher_base": 16, "teacher_steps": 4, "student": 4}
     dist = report["distance_to_teacher_base"]
@@ -153,17 +163,9 @@ def test_distillation_report_splits_the_distance_into_stages(model):
     another grid is refused."""
     import dataclasses
 
-    from animate_cli.sampling import karras_sigmas
-    from animate_cli.student import make_student
-
-    cfg = model.scheduler_config
-    base = karras_sigmas(8, cfg["sigma_min"], cfg["sigma_max"])
-    schedule = {"name": "karras", "base_steps": 8, "stride": 2, "sigma_min": cfg["sigma_min"],
-                "sigma_max": cfg["sigma_max"]}
-    guidance = {"min_guidance": 1.0, "max_guidance_range": [1, 1]}
-    meta = {"sigmas": [float(x) for x in base[::2]], "guidance": guidance, "schedule": schedule}
-    student = dataclasses.replace(model, unet=make_student(model.unet), extras={**model.extras, "student": meta})
-    stage1_meta = {**meta, "sigmas": [float(x) for x in base], "schedule": {**schedule, "stride": 1}}
+    student, base = untrained_student(model, 8, 2)
+    meta = student.extras["student"]
+    stage1_meta = {**meta, "sigmas": [float(x) for x in base], "schedule": {**meta["schedule"], "stride": 1}}
     stage1 = dataclasses.replace(student, extras={**model.extras, "student": stage1_meta})
     report = quality.distillation_report(model, student, n=2, batch=2, stage1=stage1)
     stages = report["stages"]
@@ -181,15 +183,10 @@ def test_distillation_report_sets_the_student_before_stage3_beside_it(model):
     change (a nonzero guidance embedding, guidance 3) moves it; one on another grid is refused."""
     import dataclasses
 
-    from animate_cli.sampling import karras_sigmas
     from animate_cli.student import guided_embedding, make_student
 
-    cfg = model.scheduler_config
-    base = karras_sigmas(8, cfg["sigma_min"], cfg["sigma_max"])
-    meta = {"sigmas": [float(x) for x in base[::2]], "guidance": {"min_guidance": 1.0, "max_guidance_range": [3, 3]},
-            "schedule": {"name": "karras", "base_steps": 8, "stride": 2, "sigma_min": cfg["sigma_min"],
-                         "sigma_max": cfg["sigma_max"]}}
-    student = dataclasses.replace(model, unet=make_student(model.unet), extras={**model.extras, "student": meta})
+    student, base = untrained_student(model, 8, 2, max_guidance=3.0)
+    meta = student.extras["student"]
     same = quality.distillation_report(model, student, n=2, batch=2, before_match=student)["before_match"]
     report = quality.distillation_report(model, student, n=2, batch=2)
     assert same["distance_to_teacher_base"] == report["distance_to_teacher_base"]["student"]
