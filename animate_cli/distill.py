@@ -784,7 +784,7 @@ def run(s: Session, checkpoint_every: int = 100, log_every: int = 10, log=print,
     events, and a loss line every `log_every` steps when `step_lines`; `progress(name, step, total, loss=None)`
     follows every step."""
     loss_file = (s.workdir / LOSS_LOG).open("a")
-    start, start_step, recent = time.perf_counter(), s.global_step, []
+    start, start_step, recent = time.perf_counter(), s.global_step, []  # the rate: since the last loss line
     try:
         while not s.done and (until is None or s.global_step < until):
             c = s.config
@@ -806,7 +806,9 @@ def run(s: Session, checkpoint_every: int = 100, log_every: int = 10, log=print,
             if progress is not None:
                 progress(phase_name(c, s.phase), s.step, total, loss)
             if step_lines and (s.step % log_every == 0 or s.step == total):
-                rate = (s.global_step - start_step) / max(time.perf_counter() - start, 1e-9)
+                now = time.perf_counter()
+                rate = (s.global_step - start_step) / max(now - start, 1e-9)
+                start, start_step = now, s.global_step
                 log(f"{phase_name(c, s.phase)}: step {s.step}/{total} loss {sum(recent) / len(recent):.5f} "
                     f"({rate:.2f} steps/s)")
                 recent = []

@@ -26,7 +26,7 @@ from animate_cli import __version__, quality
 from animate_cli.models import load_model, packaged_model
 from animate_cli.student import attach_student
 
-STILLS = 48  # how many stills the shipped student was distilled on
+STILLS = 384  # how many stills the shipped student was distilled on
 
 
 def main() -> None:
