@@ -34,7 +34,7 @@ uses the still's own latent on every frame instead (a video without motion: off 
 low noise, where the student then learns the wrong inputs).
 
 Learning rate: AdamW, annealed linearly to zero within each phase (lr_schedule = "linear", as Salimans & Ho do
-for each halving round) or constant.
+for each halving round) or constant; stage 3 starts from match_lr (default lr).
 
 Every step's images, w, sigmas and noise come from a generator seeded by (seed, global step), so a resumed run
 continues exactly as an uninterrupted one; torch's RNG states are also saved.
@@ -200,7 +200,6 @@ class Data:
     videos: torch.Tensor | None = None  # [M, F, C, h, w] the teacher's samples (data = "teacher"), float32
     video_image: torch.Tensor | None = None  # [M] the still each sample was made from
     video_w: torch.Tensor | None = None  # [M] the guidance (max_guidance) each sample was made with
-    video_noise: torch.Tensor | None = None  # [M, F, C, h, w] the unit noise each sample started from
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -343,13 +342,15 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
 
 
 def draw_match_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
-    """Stage 3: teacher samples, each with the still, w and initial noise it was made from (z: the noise at
-    sigmas[0]); a function of (seed, global_step) alone."""
+    """Stage 3: teacher samples, each with the still, w and initial noise it was made from (z: that noise at
+    sigmas[0], drawn again by sample_draw); a function of (seed, global_step) alone."""
     g = step_generator(c, global_step)
     sample = torch.randint(len(data.videos), (c.batch_size,), generator=g)
     index = data.video_image[sample]
     sigma = sigmas[:1].float().expand(len(sample))
-    z = data.video_noise[sample].to(device) * sigma.to(device).view(-1, 1, 1, 1, 1)
+    shape = (c.frames, *data.x0.shape[1:])
+    noise = torch.stack([sample_draw(c, j, shape)[1] for j in sample.tolist()])
+    z = noise.to(device) * sigma.to(device).view(-1, 1, 1, 1, 1)
     return Batch(index=index, w=data.video_w[sample].to(device), k=torch.zeros(len(sample), dtype=torch.long),
                  sigma=sigma.to(device), z=z, sample=sample, **conditioning(data, index, c.frames, device))
 
@@ -428,7 +429,6 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
         if meta == want:
             t = load_file(str(path))
             s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
-            s.data.video_noise = sample_noises(c, s.data)
             return
         log(f"{path.name} was made for another run: making it again")
     total = len(s.data.names) * c.samples_per_image
@@ -450,13 +450,6 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
               metadata={"fingerprint": json.dumps(want)})
     tmp.replace(path)
     s.data.videos, s.data.video_image, s.data.video_w = videos, image, w
-    s.data.video_noise = sample_noises(c, s.data)
-
-
-def sample_noises(c: DistillConfig, data: Data) -> torch.Tensor:
-    """[M, F, C, h, w]: the unit noise each teacher sample started from (sample_draw, again)."""
-    shape = (c.frames, *data.x0.shape[1:])
-    return torch.stack([sample_draw(c, j, shape)[1] for j in range(len(data.videos))])
 
 
 # ---------------------------------------------------------------- targets and loss
@@ -608,10 +601,11 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
 
 
 def load_teacher(s: Session) -> None:
-    """Phase 0: the original UNet; phase r: the student that phase r - 1 saved (frozen, in the teacher dtype)."""
+    """Phase 0: the original UNet; phase r: the student that phase r - 1 saved (frozen, in the teacher dtype);
+    stage 3: none (its targets are the teacher's samples)."""
     if s.done:
         s.teacher = None
-    elif s.config.is_match(s.phase):  # stage 3's targets are the teacher's samples, already made
+    elif s.config.is_match(s.phase):
         s.teacher, s.base_unet = None, None
     elif s.phase == 0:
         s.teacher = s.base_unet
@@ -620,11 +614,12 @@ def load_teacher(s: Session) -> None:
         s.base_unet = None  # not needed any more
 
 
-STEP_COUNTS = ("stage1_steps", "round_steps", "match_steps", "match_lr")
+PER_PHASE = ("stage1_steps", "round_steps", "match_steps", "match_lr")  # may change for phases not yet finished
 
 
 def merge_config(saved: DistillConfig, options: dict, phase: int) -> DistillConfig:
-    """The checkpoint's config; a resumed run may change only the step counts of phases not yet finished."""
+    """The checkpoint's config; a resumed run may change only the step counts (and stage 3's learning rate) of
+    phases not yet finished: a finished run given --match-steps goes on to stage 3."""
     import dataclasses
 
     changes = {}
@@ -634,7 +629,7 @@ def merge_config(saved: DistillConfig, options: dict, phase: int) -> DistillConf
             new = tuple(new)
         if new == old:
             continue
-        if name not in STEP_COUNTS:
+        if name not in PER_PHASE:
             raise AnimateError(f"{flag(name)} {new} differs from the run in this workdir ({old}); "
                                "use another --workdir to start over")
         finished = phase > {"stage1_steps": 0, "round_steps": saved.rounds}.get(name, saved.rounds + 1)
