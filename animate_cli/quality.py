@@ -206,7 +206,7 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
     sched = meta["schedule"]
     base = SCHEDULES[sched["name"]](sched["base_steps"], sched["sigma_min"], sched["sigma_max"])
     nested = base[:: sched["stride"]].numpy()
-    if len(nested) != len(grid) or not np.allclose(nested, grid, rtol=1e-5):
+    if not same_grid(nested, grid):
         raise ValueError("student.json's sigmas are not its base grid taken every stride points")
     spec = heldout_spec(teacher)
     if spec is None:
@@ -239,7 +239,7 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
         report["stages"] = stage_distances(stage1, runs, results, n, batch, spec)
     if before_match is not None:
         earlier = (before_match.extras.get("student") or {}).get("sigmas", [])
-        if len(earlier) != len(grid) or not np.allclose(earlier, grid, rtol=1e-5):
+        if not same_grid(earlier, grid):
             raise ValueError("the student before stage 3 is not on the student's grid (student.json 'sigmas')")
         r = evaluate(before_match, runs["student"][1], n=n, batch=batch, spec=spec)
         report["before_match"] = {"distance_to_teacher_base": sampler_distance(r["generated"], reference),
@@ -247,12 +247,17 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
     return report
 
 
+def same_grid(a, b) -> bool:
+    """Whether two sigma grids are the same points (to float32 rounding)."""
+    return len(a) == len(b) and np.allclose(a, b, rtol=1e-5)
+
+
 def stage_distances(stage1, runs: dict, results: dict, n: int, batch: int, spec: dict) -> dict:
     """distillation_report's "stages": the stage-1 student on the base grid and on the student's grid."""
     base_settings, steps_settings = runs["teacher_base"][1], runs["student"][1]
     meta = stage1.extras.get("student") or {}
     sigmas = meta.get("sigmas", [])
-    if len(sigmas) != len(base_settings.sigmas) or not np.allclose(sigmas, base_settings.sigmas, rtol=1e-5):
+    if not same_grid(sigmas, base_settings.sigmas):
         raise ValueError("the stage-1 student was not distilled on the student's base grid (student.json 'sigmas')")
     one_pass_base = evaluate(stage1, base_settings, n=n, batch=batch, spec=spec)["generated"]
     one_pass_steps = evaluate(stage1, steps_settings, n=n, batch=batch, spec=spec)["generated"]

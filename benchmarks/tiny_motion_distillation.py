@@ -47,16 +47,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
     teacher = load_model("tiny-motion", torch.float32, cpu, progress=False)
-    student = load_model("tiny-motion", torch.float32, cpu, progress=False)
-    attach_student(student, args.student, torch.float32, cpu)
-    stage1 = None
-    if args.stage1 is not None:
-        stage1 = load_model("tiny-motion", torch.float32, cpu, progress=False)
-        attach_student(stage1, args.stage1, torch.float32, cpu)
-    before = None
-    if args.before is not None:
-        before = load_model("tiny-motion", torch.float32, cpu, progress=False)
-        attach_student(before, args.before, torch.float32, cpu)
+
+    def with_student(folder):
+        if folder is None:
+            return None
+        model = load_model("tiny-motion", torch.float32, cpu, progress=False)
+        attach_student(model, folder, torch.float32, cpu)
+        return model
+
+    student, stage1, before = (with_student(f) for f in (args.student, args.stage1, args.before))
     start = time.perf_counter()
     report = quality.distillation_report(teacher, student, n=args.clips, max_guidance=args.max_guidance,
                                          stage1=stage1, before_match=before)
