@@ -434,7 +434,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     assert meta["steps"] == 2 and meta["sampler"] == "euler" and len(meta["sigmas"]) == 3
     assert meta["sigmas"][-1] == 0.0 and meta["teacher"] == "random:tiny"
     assert meta["guidance"]["embedding_input"] == "frame_scale" and meta["guidance_embedding"]["per_frame"]
-    assert meta["distillation"]["sigma_sampling"]["lognormal"] == [2.3, 1.5]
+    assert meta["distillation"]["sigma_sampling"]["lognormal"] == [0.7, 1.3]
     assert meta["guidance"]["max_guidance_range"] == [2.0, 2.5]
     assert len((work / "loss.jsonl").read_text().splitlines()) == 4
     assert (work / "phase-0" / "student.json").is_file() and (work / "phase-1" / "student.json").is_file()
@@ -559,6 +559,17 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):
         distill.open_session(dict(OPTIONS, **option), images, tmp_path / "work", torch.device("cpu"))
+
+
+def test_sigma_sampling_defaults_to_lognormal_but_a_run_saved_without_the_option_resumes_evenly():
+    import dataclasses
+
+    c = distill.DistillConfig(model="random:tiny")
+    assert (c.sigma_sampling, c.sigma_log_mean, c.sigma_log_std) == ("lognormal", 0.7, 1.3)
+    saved = dataclasses.asdict(c)
+    assert distill.DistillConfig.from_dict(saved) == c  # a run saved with the option keeps what it drew by
+    del saved["sigma_sampling"]
+    assert distill.DistillConfig.from_dict(saved).sigma_sampling == "uniform"
 
 
 def test_lognormal_sigma_sampling_favours_the_middle_of_the_grid_and_keeps_every_point():

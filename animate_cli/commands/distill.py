@@ -51,13 +51,13 @@ def distill(
     lr_schedule: Annotated[str | None, typer.Option(
         "--lr-schedule", help="'linear' (annealed to zero within each phase) or 'constant' \\[linear].")] = None,
     sigma_sampling: Annotated[str | None, typer.Option(
-        "--sigma-sampling", help="Which noise levels train: 'uniform' over the grid, or 'lognormal' (a normal "
-        "in log sigma, see --sigma-log-mean/--sigma-log-std, with a tenth spread evenly) \\[uniform].")]
+        "--sigma-sampling", help="Which noise levels train: 'lognormal' (a normal in log sigma, see "
+        "--sigma-log-mean/--sigma-log-std, with a tenth spread evenly) or 'uniform' over the grid \\[lognormal].")]
     = None,
     sigma_log_mean: Annotated[float | None, typer.Option(
-        "--sigma-log-mean", help="Centre of the lognormal sigma sampling, in log sigma [2.3].")] = None,
+        "--sigma-log-mean", help="Centre of the lognormal sigma sampling, in log sigma [0.7].")] = None,
     sigma_log_std: Annotated[float | None, typer.Option(
-        "--sigma-log-std", help="Spread of the lognormal sigma sampling, in log sigma [1.5].")] = None,
+        "--sigma-log-std", help="Spread of the lognormal sigma sampling, in log sigma [1.3].")] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
