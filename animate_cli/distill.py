@@ -8,7 +8,7 @@ Phases, one resumable run (WORKDIR/checkpoint.safetensors):
       rising linearly from min_guidance on the first frame to w = max_guidance on the last), w ~ U(guidance_range)
       per video, at sigmas of the BASE grid (final_steps * 2**rounds steps, e.g. 32), drawn most often where the
       student's errors move the final video most (sigma_sampling = "lognormal", see sigma_probabilities) or
-      evenly ("uniform").
+      evenly ("uniform"). The rounds below draw from their own grids evenly (round_sigma_sampling = "uniform").
   phase r = 1..rounds, stage 2 (progressive step distillation): the student on a grid of half the steps learns
       to land, with one DDIM step (= Euler on the EDM probability-flow ODE: x' = x0 + (s'/s) (x - x0)), where two
       DDIM steps of the previous phase's student (frozen, loaded from WORKDIR/phase-{r-1}) land: the target x0 is
@@ -98,6 +98,7 @@ class DistillConfig:
     sigma_sampling: str = "lognormal"  # which grid points train: "lognormal" in log sigma, or "uniform" over the grid
     sigma_log_mean: float = 0.7  # lognormal: mean and spread of log sigma (0.7: sigma about 2)
     sigma_log_std: float = 1.3
+    round_sigma_sampling: str = "uniform"  # the same for the halving rounds' grids
     match_steps: int = 0  # stage 3: optimizer steps matching the teacher's samples end to end (0: no stage 3)
     match_lr: float | None = None  # stage 3's learning rate (None: lr)
 
@@ -121,6 +122,10 @@ class DistillConfig:
     def phase_lr(self, phase: int) -> float:
         return self.match_lr if self.is_match(phase) and self.match_lr is not None else self.lr
 
+    def sampling(self, phase: int) -> str:
+        """How `phase` draws its noise levels: stage 1 by sigma_sampling, the rounds by round_sigma_sampling."""
+        return self.sigma_sampling if phase == 0 else self.round_sigma_sampling
+
     def student_steps(self, phase: int) -> int:
         """Sampling steps the student of `phase` is trained for (32, 16, 8 with the defaults; stage 3 keeps the
         final count)."""
@@ -130,6 +135,7 @@ class DistillConfig:
     def from_dict(cls, d: dict) -> DistillConfig:
         names = {f.name for f in fields(cls)}
         d = {"sigma_sampling": "uniform", **d}  # a run saved before the option drew evenly
+        d = {"round_sigma_sampling": d["sigma_sampling"], **d}  # and before this one, its rounds drew alike
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
@@ -157,8 +163,9 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError("--match-steps needs --data teacher: stage 3 matches the teacher's own samples")
     if c.guidance_input not in GUIDANCE_INPUTS:
         raise AnimateError(f"guidance input {c.guidance_input!r}: choose {' or '.join(GUIDANCE_INPUTS)}")
-    if c.sigma_sampling not in SIGMA_SAMPLINGS:
-        raise AnimateError(f"sigma sampling {c.sigma_sampling!r}: choose {' or '.join(SIGMA_SAMPLINGS)}")
+    for name, value in (("sigma sampling", c.sigma_sampling), ("round sigma sampling", c.round_sigma_sampling)):
+        if value not in SIGMA_SAMPLINGS:
+            raise AnimateError(f"{name} {value!r}: choose {' or '.join(SIGMA_SAMPLINGS)}")
     if not c.sigma_log_std > 0:
         raise AnimateError(f"--sigma-log-std must be positive, got {c.sigma_log_std}")
     if c.lr_schedule not in LR_SCHEDULES:
@@ -176,21 +183,21 @@ def grid(c: DistillConfig, scheduler_config: dict, steps: int) -> torch.Tensor:
     return base_sigmas(c, scheduler_config)[::stride].clone()
 
 
-def sigma_probabilities(c: DistillConfig, sigmas: torch.Tensor) -> torch.Tensor:
-    """How often each non-zero point of a grid is drawn for training. "uniform": equally. "lognormal" (the
-    default): in proportion to a normal density in log sigma (sigma_log_mean, sigma_log_std), mixed with
-    UNIFORM_SHARE of uniform. How far a student's error moves the final video depends strongly on the noise level:
-    on tiny-motion, swapping the teacher for a stage-1 student on 4 of the 32 steps moved the output, per unit of
-    root stage-1 loss there, 0.087 RMSE at sigma 3 to 0.8, 0.040 at 13 to 4.5, 0.025 at 45 to 18, 0.034 at 0.46
-    to 0.14, and 0.003-0.005 above sigma 160 and below 0.04. Uniform draws spend 12 of the 32 points there.
-    The default centre (log sigma 0.7: sigma about 2) and spread follow this measurement: 400 more stage-1 steps
-    with them took a 1,300-step uniform stage-1 student from 0.0183 to 0.0153 RMSE (32-step samples against the
-    teacher's, 16 held-out clips), where 400 more uniform steps reached 0.0174. The halving rounds draw from
-    the same probabilities on their coarser grids, where uniform draws did better on tiny-motion: two rounds from
-    one stage-1 student left it 0.0198 from the teacher's 32-step output with them, 0.0207 with these."""
+def sigma_probabilities(c: DistillConfig, sigmas: torch.Tensor, phase: int = 0) -> torch.Tensor:
+    """How often each non-zero point of phase `phase`'s grid is drawn for training (c.sampling(phase)). "uniform":
+    equally. "lognormal" (stage 1's default): in proportion to a normal density in log sigma (sigma_log_mean,
+    sigma_log_std), mixed with UNIFORM_SHARE of uniform. How far a student's error moves the final video depends
+    strongly on the noise level: on tiny-motion, swapping the teacher for a stage-1 student on 4 of the 32 steps
+    moved the output, per unit of root stage-1 loss there, 0.087 RMSE at sigma 3 to 0.8, 0.040 at 13 to 4.5, 0.025
+    at 45 to 18, 0.034 at 0.46 to 0.14, and 0.003-0.005 above sigma 160 and below 0.04. Uniform draws spend 12 of
+    the 32 points there. The default centre (log sigma 0.7: sigma about 2) and spread follow this measurement: 400
+    more stage-1 steps with them took a 1,300-step uniform stage-1 student from 0.0183 to 0.0153 RMSE (32-step
+    samples against the teacher's, 16 held-out clips), where 400 more uniform steps reached 0.0174. On the halving
+    rounds' coarser grids uniform draws did better (the rounds' default): two rounds from one stage-1 student left
+    it 0.0198 from the teacher's 32-step output with them, 0.0207 with these lognormal ones."""
     n = len(sigmas) - 1
     uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if c.sigma_sampling == "uniform":
+    if c.sampling(phase) == "uniform":
         return uniform
     z = (sigmas[:n].double().log() - c.sigma_log_mean) / c.sigma_log_std
     density = torch.exp(-0.5 * z**2)
@@ -321,7 +328,8 @@ def step_generator(c: DistillConfig, global_step: int) -> torch.Generator:
     return torch.Generator().manual_seed(c.seed * 1_000_003 + global_step)
 
 
-def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
+def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device,
+               phase: int = 0) -> Batch:
     """Videos (a teacher sample with the still it was made from, or a still), w ~ U(guidance_range), sigma
     (a grid point drawn as sigma_probabilities says) and noise for one step; a function of (seed, global_step) alone.
     w is drawn afresh rather than taken from the sample, as Meng et al. draw it independently of the data: with
@@ -338,10 +346,10 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
         x0 = data.x0[index.to(data.x0.device)].to(device).unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
     lo, hi = c.guidance_range
     w = lo + (hi - lo) * torch.rand(b, generator=g)  # fresh w (not the sample's): the embedding learns all of w
-    if c.sigma_sampling == "uniform":  # randint, as before the option: a uniform run's draws stay the same
+    if c.sampling(phase) == "uniform":  # randint, as before the option: a uniform run's draws stay the same
         k = torch.randint(len(sigmas) - 1, (b,), generator=g)
     else:
-        k = torch.multinomial(sigma_probabilities(c, sigmas), b, replacement=True, generator=g)
+        k = torch.multinomial(sigma_probabilities(c, sigmas, phase), b, replacement=True, generator=g)
     sigma = sigmas[k].float()
     eps = torch.randn(x0.shape, generator=g).to(device)
     z = x0 + sigma.to(device).view(-1, 1, 1, 1, 1) * eps
@@ -717,8 +725,10 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
     """One optimizer step on `batch` (default: the step's own batch); advances the counters."""
     c = s.config
     if batch is None:
-        draw = draw_match_batch if c.is_match(s.phase) else draw_batch
-        batch = draw(c, s.data, s.sigmas, s.global_step + 1, s.device)
+        if c.is_match(s.phase):
+            batch = draw_match_batch(c, s.data, s.sigmas, s.global_step + 1, s.device)
+        else:
+            batch = draw_batch(c, s.data, s.sigmas, s.global_step + 1, s.device, s.phase)
     s.student.train()
     loss = batch_loss(s, batch)
     s.optimizer.zero_grad(set_to_none=True)
@@ -762,13 +772,18 @@ def sampler_config(s: Session, phase: int) -> dict:
         "teacher": s.extras.get("model_source", c.model),
         "distillation": {"phase": phase, "stage1_steps": c.stage1_steps, "round_steps": c.round_steps,
                          "rounds": c.rounds, "batch_size": c.batch_size, "lr": c.lr, "lr_schedule": c.lr_schedule,
-                         "sigma_sampling": c.sigma_sampling if c.sigma_sampling == "uniform" else
-                         {"lognormal": [c.sigma_log_mean, c.sigma_log_std], "uniform_share": UNIFORM_SHARE},
+                         "sigma_sampling": sampling_record(c, c.sigma_sampling),
+                         "round_sigma_sampling": sampling_record(c, c.round_sigma_sampling),
                          "images": len(s.data.names), "data": c.data,
                          "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
                          "match_steps": c.match_steps, "match_lr": c.match_lr if c.match_steps else None,
                          "global_step": s.global_step},
     }
+
+
+def sampling_record(c: DistillConfig, sampling: str):
+    return sampling if sampling == "uniform" else {"lognormal": [c.sigma_log_mean, c.sigma_log_std],
+                                                   "uniform_share": UNIFORM_SHARE}
 
 
 def end_phase(s: Session, log) -> None:

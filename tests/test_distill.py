@@ -435,6 +435,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     assert meta["sigmas"][-1] == 0.0 and meta["teacher"] == "random:tiny"
     assert meta["guidance"]["embedding_input"] == "frame_scale" and meta["guidance_embedding"]["per_frame"]
     assert meta["distillation"]["sigma_sampling"]["lognormal"] == [0.7, 1.3]
+    assert meta["distillation"]["round_sigma_sampling"] == "uniform"
     assert meta["guidance"]["max_guidance_range"] == [2.0, 2.5]
     assert len((work / "loss.jsonl").read_text().splitlines()) == 4
     assert (work / "phase-0" / "student.json").is_file() and (work / "phase-1" / "student.json").is_file()
@@ -552,6 +553,7 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"lr_schedule": "cosine"}, "lr schedule 'cosine': choose linear or constant"),
     ({"guidance_input": "pixel"}, "guidance input 'pixel': choose frame or video"),
     ({"sigma_sampling": "cosine"}, "sigma sampling 'cosine': choose lognormal or uniform"),
+    ({"round_sigma_sampling": "even"}, "round sigma sampling 'even': choose lognormal or uniform"),
     ({"sigma_log_std": 0.0}, "--sigma-log-std must be positive"),
     ({"match_steps": 2, "data": "stills"}, "--match-steps needs --data teacher"),
     ({"match_lr": 0.0}, "--match-lr must be positive"),
@@ -561,15 +563,19 @@ def test_bad_distill_options_are_named(images, tmp_path, option, message):
         distill.open_session(dict(OPTIONS, **option), images, tmp_path / "work", torch.device("cpu"))
 
 
-def test_sigma_sampling_defaults_to_lognormal_but_a_run_saved_without_the_option_resumes_evenly():
+def test_sigma_sampling_defaults_to_lognormal_in_stage1_but_older_runs_resume_as_they_drew():
     import dataclasses
 
     c = distill.DistillConfig(model="random:tiny")
     assert (c.sigma_sampling, c.sigma_log_mean, c.sigma_log_std) == ("lognormal", 0.7, 1.3)
+    assert [c.sampling(phase) for phase in (0, 1, 2)] == ["lognormal", "uniform", "uniform"]
     saved = dataclasses.asdict(c)
-    assert distill.DistillConfig.from_dict(saved) == c  # a run saved with the option keeps what it drew by
-    del saved["sigma_sampling"]
-    assert distill.DistillConfig.from_dict(saved).sigma_sampling == "uniform"
+    assert distill.DistillConfig.from_dict(saved) == c  # a run saved with the options keeps what it drew by
+    del saved["round_sigma_sampling"]  # saved before the rounds had their own: they drew as stage 1
+    assert distill.DistillConfig.from_dict(saved).round_sigma_sampling == "lognormal"
+    del saved["sigma_sampling"]  # saved before either option: every phase drew evenly
+    old = distill.DistillConfig.from_dict(saved)
+    assert (old.sigma_sampling, old.round_sigma_sampling) == ("uniform", "uniform")
 
 
 def test_lognormal_sigma_sampling_favours_the_middle_of_the_grid_and_keeps_every_point():
@@ -593,3 +599,13 @@ def test_lognormal_sigma_sampling_favours_the_middle_of_the_grid_and_keeps_every
     counts = torch.bincount(batch.k, minlength=32).double() / 20000
     assert (counts - p).abs().max().item() < 0.01
     assert torch.equal(batch.sigma, sigmas[batch.k].float())
+    # the rounds draw evenly unless told to draw as stage 1 does
+    grid16 = sigmas[::2]
+    for sampling in ("uniform", "lognormal"):
+        rounds = dataclasses.replace(big, round_sigma_sampling=sampling)
+        p16 = distill.sigma_probabilities(rounds, grid16, phase=1)
+        assert torch.equal(p16, distill.sigma_probabilities(dataclasses.replace(rounds, sigma_sampling=sampling),
+                                                            grid16))
+        k = distill.draw_batch(rounds, data, grid16, 1, torch.device("cpu"), phase=1).k
+        assert (torch.bincount(k, minlength=16).double() / 20000 - p16).abs().max().item() < 0.01
+    assert distill.sigma_probabilities(big, grid16, phase=1).max().item() == pytest.approx(1 / 16)

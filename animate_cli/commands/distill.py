@@ -54,6 +54,8 @@ def distill(
         "--sigma-sampling", help="Which noise levels train: 'lognormal' (a normal in log sigma, see "
         "--sigma-log-mean/--sigma-log-std, with a tenth spread evenly) or 'uniform' over the grid \\[lognormal].")]
     = None,
+    round_sigma_sampling: Annotated[str | None, typer.Option(
+        "--round-sigma-sampling", help="The same for the halving rounds' grids \\[uniform].")] = None,
     sigma_log_mean: Annotated[float | None, typer.Option(
         "--sigma-log-mean", help="Centre of the lognormal sigma sampling, in log sigma [0.7].")] = None,
     sigma_log_std: Annotated[float | None, typer.Option(
@@ -84,7 +86,8 @@ def distill(
                  batch_size=batch_size, frames=frames, seed=seed, data=data,
                  samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
                  guidance_range=tuple(guidance_range) if guidance_range is not None else None,
-                 sigma_sampling=sigma_sampling, sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std)
+                 sigma_sampling=sigma_sampling, round_sigma_sampling=round_sigma_sampling,
+                 sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
