@@ -8,11 +8,12 @@ Phases, one resumable run (WORKDIR/checkpoint.safetensors):
       rising linearly from min_guidance on the first frame to w = max_guidance on the last), w ~ U(guidance_range)
       per video, at sigmas of the BASE grid (final_steps * 2**rounds steps, e.g. 32), drawn most often where the
       student's errors move the final video most (sigma_sampling = "lognormal", see sigma_probabilities) or
-      evenly ("uniform"). The rounds below draw from their own grids evenly (round_sigma_sampling = "uniform").
+      evenly ("uniform").
   phase r = 1..rounds, stage 2 (progressive step distillation): the student on a grid of half the steps learns
       to land, with one DDIM step (= Euler on the EDM probability-flow ODE: x' = x0 + (s'/s) (x - x0)), where two
       DDIM steps of the previous phase's student (frozen, loaded from WORKDIR/phase-{r-1}) land: the target x0 is
       (z'' - (s_next/s) z) / (1 - s_next/s)  (z'' when s_next = 0). 32 -> 16 -> 8 steps with rounds = 2.
+      Their sigmas come evenly from their own grids (round_sigma_sampling = "uniform"), or as stage 1 draws.
   phase rounds + 1, stage 3 (optional, match_steps > 0; data = "teacher"): the final student samples from each
       teacher sample's own initial noise, with its own few steps, and learns to land where the teacher's
       32-step guided sample landed (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative
