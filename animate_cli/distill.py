@@ -35,14 +35,10 @@ So the student trains on the videos it will meet when sampling, and no video dat
 uses the still's own latent on every frame instead (a video without motion: off the teacher's distribution at
 low noise, where the student then learns the wrong inputs).
 
-Stage 1's targets (stage1_targets): "fresh" noises a teacher video afresh each step (z = x0 + s * eps) and runs
-the teacher (two passes) for the target. "trajectory" trains on the states the teacher's own Euler sampling passed
-through while it made its videos, with its guided v there, recorded then (the v in the samples file, the states
-rebuilt from them and each sample's noise): no teacher pass in stage 1, and the inputs are the ones sampling meets.
-Each sample then offers base_steps (z, target) pairs at its own w, and the file holds base_steps v per sample.
-
 Precision: "auto" runs bf16 autocast (teacher in bf16) on CUDA and float32 elsewhere; "bf16" autocasts on any
-device (the weights and the loss stay float32); "fp32" never autocasts.
+device, the teacher's UNet staying float32 on a CPU (the weights, the optimizer and the loss stay float32 always).
+On a 2-core CPU with bf16 instructions a tiny-motion stage-1 step at batch 16 took 0.89 s with it, 1.31 s without.
+"fp32" never autocasts.
 
 Learning rate: AdamW, annealed linearly to zero within each phase (lr_schedule = "linear", as Salimans & Ho do
 for each halving round) or constant; stage 3 starts from match_lr (default lr).
@@ -75,7 +71,6 @@ DATA_SOURCES = ("teacher", "stills")
 LR_SCHEDULES = ("linear", "constant")
 GUIDANCE_INPUTS = ("frame", "video")
 SIGMA_SAMPLINGS = ("lognormal", "uniform")
-STAGE1_TARGETS = ("fresh", "trajectory")
 PRECISIONS = ("auto", "bf16", "fp32")
 UNIFORM_SHARE = 0.1  # lognormal sigma sampling keeps this share uniform over the grid: every point is trained
 
@@ -113,7 +108,6 @@ class DistillConfig:
     round_sigma_sampling: str = "uniform"  # the same for the halving rounds' grids
     match_steps: int = 0  # stage 3: optimizer steps matching the teacher's samples end to end (0: no stage 3)
     match_lr: float | None = None  # stage 3's learning rate (None: lr)
-    stage1_targets: str = "fresh"  # "fresh": noised teacher videos, teacher passes each step; "trajectory": recorded
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; "bf16" (autocast anywhere); "fp32"
 
     @property
@@ -184,10 +178,6 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"--sigma-log-std must be positive, got {c.sigma_log_std}")
     if c.lr_schedule not in LR_SCHEDULES:
         raise AnimateError(f"lr schedule {c.lr_schedule!r}: choose {' or '.join(LR_SCHEDULES)}")
-    if c.stage1_targets not in STAGE1_TARGETS:
-        raise AnimateError(f"--stage1-targets {c.stage1_targets!r}: choose {' or '.join(STAGE1_TARGETS)}")
-    if c.stage1_targets == "trajectory" and c.data != "teacher":
-        raise AnimateError("--stage1-targets trajectory needs --data teacher: it records the teacher's own sampling")
     if c.precision not in PRECISIONS:
         raise AnimateError(f"--precision {c.precision!r}: choose {', '.join(PRECISIONS)}")
 
@@ -236,8 +226,6 @@ class Data:
     videos: torch.Tensor | None = None  # [M, F, C, h, w] the teacher's samples (data = "teacher"), float32
     video_image: torch.Tensor | None = None  # [M] the still each sample was made from
     video_w: torch.Tensor | None = None  # [M] the guidance (max_guidance) each sample was made with
-    trajectory_z: torch.Tensor | None = None  # [M, K, F, C, h, w] each sample's state at base-grid point k
-    trajectory_v: torch.Tensor | None = None  # [M, K, F, C, h, w] the teacher's guided v there
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -345,7 +333,6 @@ class Batch:
     latents: torch.Tensor  # [B, F, C, h, w] image latents on every frame
     time_ids: torch.Tensor
     sample: torch.Tensor | None = None  # [B] which teacher sample is each x0 (data = "teacher")
-    target: torch.Tensor | None = None  # [B, F, C, h, w] the v to learn, where already known (recorded trajectories)
 
 
 def step_generator(c: DistillConfig, global_step: int) -> torch.Generator:
@@ -358,8 +345,6 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
     (a grid point drawn as sigma_probabilities says) and noise for one step; a function of (seed, global_step) alone.
     w is drawn afresh rather than taken from the sample, as Meng et al. draw it independently of the data: with
     a few hundred samples, their w values alone would leave the guidance embedding untrained in between."""
-    if phase == 0 and c.stage1_targets == "trajectory":
-        return draw_trajectory_batch(c, data, sigmas, global_step, device)
     g = step_generator(c, global_step)
     b = c.batch_size
     sample = None
@@ -381,22 +366,6 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
     z = x0 + sigma.to(device).view(-1, 1, 1, 1, 1) * eps
     return Batch(index=index, w=w.to(device), k=k, sigma=sigma.to(device), z=z, sample=sample,
                  **conditioning(data, index, c.frames, device))
-
-
-def draw_trajectory_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
-    """Stage 1 with stage1_targets = "trajectory": teacher samples, each with its still and w, at a point k of the
-    base grid drawn as sigma_probabilities says; z is the state the teacher's own sampling passed through there and
-    the target its guided v there, both recorded when it made the sample (no teacher pass)."""
-    g = step_generator(c, global_step)
-    sample = torch.randint(len(data.videos), (c.batch_size,), generator=g)
-    if c.sampling(0) == "uniform":
-        k = torch.randint(len(sigmas) - 1, (c.batch_size,), generator=g)
-    else:
-        k = torch.multinomial(sigma_probabilities(c, sigmas, 0), c.batch_size, replacement=True, generator=g)
-    index = data.video_image[sample]
-    return Batch(index=index, w=data.video_w[sample].to(device), k=k, sigma=sigmas[k].float().to(device),
-                 z=data.trajectory_z[sample, k].to(device), sample=sample,
-                 target=data.trajectory_v[sample, k].to(device), **conditioning(data, index, c.frames, device))
 
 
 def draw_match_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
@@ -439,18 +408,16 @@ def sample_draw(c: DistillConfig, j: int, shape: tuple) -> tuple[float, torch.Te
 
 @torch.no_grad()
 def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, device, dtype, autocast,
-                    progress=None, record: bool = False) -> dict[str, torch.Tensor]:
+                    progress=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """samples_per_image guided videos per still, made by the teacher with Euler on `sigmas` (the base grid):
-    {"videos": [M, F, C, h, w] float32 on the CPU, "image": image index [M], "w": [M]}, and with `record` also
-    "trajectory_v" [M, K, F, C, h, w]: the guided v at each of the K steps (the states follow from it and the noise,
-    trajectory_states). Sample j's w and noise come from a generator seeded by (seed, j) alone, so they do not
-    depend on the chunking."""
+    (videos [M, F, C, h, w] float32 on the CPU, image index [M], w [M]). Sample j's w and noise come from a
+    generator seeded by (seed, j) alone, so they do not depend on the chunking."""
     n, per = len(data.names), c.samples_per_image
     image = torch.arange(n).repeat_interleave(per)
     draws = [sample_draw(c, j, (c.frames, *data.x0.shape[1:])) for j in range(n * per)]
     w = torch.tensor([d[0] for d in draws])
     noises = [d[1] for d in draws]
-    videos, recorded = [], []
+    videos = []
     sig = sigmas.to(device)
     for start in range(0, n * per, c.batch_size):
         pick = torch.arange(start, min(start + c.batch_size, n * per))
@@ -458,43 +425,21 @@ def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, de
         batch = Batch(index=image[pick], w=w[pick].to(device), k=torch.zeros(b, dtype=torch.long),
                       sigma=sig[:1].expand(b), z=torch.empty(0), **conditioning(data, image[pick], c.frames, device))
 
-        steps = []
-
-        def denoise(x, sigma, batch=batch, b=b, steps=steps):
+        def denoise(x, sigma, batch=batch, b=b):
             with autocast():
                 v = guided_teacher_v(unet, batch, x, sigma.expand(b), c.min_guidance, dtype)
-            if record:
-                steps.append(v.cpu())
             return x0_from_v(x, sigma.expand(b), v)
 
         noise = torch.stack([noises[j] for j in pick.tolist()]).to(device)
         videos.append(sample_euler(denoise, noise * sig[0], sig).float().cpu())
-        if record:
-            recorded.append(torch.stack(steps, dim=1))
         if progress is not None:
             progress("teacher samples", int(pick[-1]) + 1, n * per)
-    out = {"videos": torch.cat(videos), "image": image, "w": w}
-    if record:
-        out["trajectory_v"] = torch.cat(recorded)
-    return out
-
-
-def trajectory_states(noise: torch.Tensor, trajectory_v: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """[M, K, ...]: the states the teacher's Euler sampling passed through, rebuilt from its initial noise [M, ...]
-    (unit variance) and its recorded v with the same arithmetic as sample_euler, so they are the states it saw."""
-    states = torch.empty_like(trajectory_v)
-    x = noise * sigmas[0]
-    for k in range(trajectory_v.shape[1]):
-        states[:, k] = x
-        s = sigmas[k].expand(len(x))
-        d = (x - x0_from_v(x, s, trajectory_v[:, k])) / sigmas[k]
-        x = x + d * (sigmas[k + 1] - sigmas[k])
-    return states
+    return torch.cat(videos), image, w
 
 
 def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
-    """data = "teacher": load WORKDIR/teacher-samples.safetensors if it matches this run (and holds the recorded
-    trajectories when stage 1 trains on them), else make it with the original UNet (s.base_unet) and save it."""
+    """data = "teacher": load WORKDIR/teacher-samples.safetensors if it matches this run, else make it with the
+    original UNet (s.base_unet) and save it."""
     from safetensors.torch import load_file, save_file
 
     c = s.config
@@ -502,21 +447,19 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
         return
     base = base_sigmas(c, s.scheduler_config)
     want = samples_fingerprint(c, s.data, base)
-    record = c.stage1_targets == "trajectory" and s.phase == 0
     path = s.workdir / SAMPLES_FILE
     if path.is_file():
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("fingerprint", "null"))
-            recorded = "trajectory_v" in f.keys()
-        if meta == want and (recorded or not record):
-            use_samples(s, load_file(str(path)), base)
+        if meta == want:
+            t = load_file(str(path))
+            s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
             return
         log(f"{path.name} was made for another run: making it again")
     total = len(s.data.names) * c.samples_per_image
-    log(f"teacher samples: {total} videos ({c.samples_per_image} per image), {c.base_steps} guided steps each"
-        f"{', recording their trajectories' if record else ''}")
+    log(f"teacher samples: {total} videos ({c.samples_per_image} per image), {c.base_steps} guided steps each")
     start = time.perf_counter()
     if progress is None:  # plain lines: about every tenth
         marks = {max(1, round(total * q / 10)) for q in range(1, 11)}
@@ -527,23 +470,13 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
                 log(f"{name}: {step}/{total_}")
             done[0] = step
 
-    made = teacher_samples(c, s.data, s.base_unet, base, s.device, s.teacher_dtype, s.autocast, progress, record)
+    videos, image, w = teacher_samples(c, s.data, s.base_unet, base, s.device, s.teacher_dtype, s.autocast, progress)
     log(f"teacher samples: made in {time.perf_counter() - start:.0f} s, kept in {path}")
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in made.items()}, str(tmp), metadata={"fingerprint": json.dumps(want)})
+    save_file({"videos": videos.contiguous(), "image": image.contiguous(), "w": w.contiguous()}, str(tmp),
+              metadata={"fingerprint": json.dumps(want)})
     tmp.replace(path)
-    use_samples(s, made, base)
-
-
-def use_samples(s: Session, t: dict, base: torch.Tensor) -> None:
-    """Attach loaded or freshly made teacher samples; with recorded trajectories (used by stage 1 only), also
-    rebuild their states."""
-    s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
-    if s.config.stage1_targets == "trajectory" and s.phase == 0 and "trajectory_v" in t:
-        shape = (s.config.frames, *s.data.x0.shape[1:])
-        noise = torch.stack([sample_draw(s.config, j, shape)[1] for j in range(len(t["videos"]))])
-        s.data.trajectory_v = t["trajectory_v"].float()
-        s.data.trajectory_z = trajectory_states(noise, s.data.trajectory_v, base.float())
+    s.data.videos, s.data.video_image, s.data.video_w = videos, image, w
 
 
 # ---------------------------------------------------------------- targets and loss
@@ -586,10 +519,7 @@ def student_sample(s: Session, batch: Batch) -> torch.Tensor:
 def batch_loss(s: Session, batch: Batch) -> torch.Tensor:
     if s.config.is_match(s.phase):  # the student's sample against the teacher's, from the same noise
         return F.mse_loss(student_sample(s, batch), s.data.videos[batch.sample].to(s.device))
-    if batch.target is not None:
-        target = batch.target
-    else:
-        target = stage1_target(s, batch) if s.phase == 0 else stage2_target(s, batch)
+    target = stage1_target(s, batch) if s.phase == 0 else stage2_target(s, batch)
     with s.autocast():
         v = student_v(s.student, batch, batch.z, batch.sigma, torch.float32)
     return F.mse_loss(v, target)
@@ -859,8 +789,7 @@ def sampler_config(s: Session, phase: int) -> dict:
                          "rounds": c.rounds, "batch_size": c.batch_size, "lr": c.lr, "lr_schedule": c.lr_schedule,
                          "sigma_sampling": sampling_record(c, c.sigma_sampling),
                          "round_sigma_sampling": sampling_record(c, c.round_sigma_sampling),
-                         "stage1_targets": c.stage1_targets, "precision": c.precision,
-                         "images": len(s.data.names), "data": c.data,
+                         "precision": c.precision, "images": len(s.data.names), "data": c.data,
                          "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
                          "match_steps": c.match_steps, "match_lr": c.match_lr if c.match_steps else None,
                          "global_step": s.global_step},

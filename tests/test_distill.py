@@ -521,68 +521,6 @@ def test_teacher_samples_are_kept_and_remade_when_they_do_not_match(images, tmp_
     assert remade.data.videos.shape[0] == 3 and any("made for another run" in line for line in lines)
 
 
-def test_trajectory_targets_are_the_teachers_own_states_and_guided_outputs(images, tmp_path):
-    """Stage 1 on recorded trajectories: each drawn (z, sigma, w, target) is a state the teacher's 4-step Euler
-    sampling passed through, with its own w, and the target is the teacher's guided v there (no teacher pass)."""
-    import dataclasses
-
-    s = distill.open_session(dict(OPTIONS, samples_per_image=2, stage1_targets="trajectory"), images,
-                             tmp_path / "work", torch.device("cpu"))
-    data, c = s.data, s.config
-    base = distill.base_sigmas(c, s.scheduler_config)
-    assert data.trajectory_v.shape == data.trajectory_z.shape == (6, 4, 2, 4, 16, 16)
-    for j in (0, 5):  # the first state is the sample's own noise at sigma_max
-        assert torch.equal(data.trajectory_z[j, 0], distill.sample_draw(c, j, (2, 4, 16, 16))[1] * base[0])
-    last = data.trajectory_z[:, -1]  # one more Euler step from the last state lands on the saved video
-    x0 = distill.x0_from_v(last, base[-2].expand(6), data.trajectory_v[:, -1])
-    assert torch.allclose(last + (last - x0) / base[-2] * (base[-1] - base[-2]), data.videos, atol=1e-6)
-    batch = distill.draw_batch(dataclasses.replace(c, batch_size=5), data, s.sigmas, 3, s.device)
-    assert torch.equal(batch.z, data.trajectory_z[batch.sample, batch.k])
-    assert torch.equal(batch.w, data.video_w[batch.sample]) and torch.equal(batch.sigma, base[batch.k])
-    assert torch.equal(batch.index, data.video_image[batch.sample])
-    recomputed = distill.stage1_target(s, batch)
-    assert torch.allclose(batch.target, recomputed, atol=1e-5), (batch.target - recomputed).abs().max()
-    with torch.no_grad():  # the loss is against the recorded target
-        student = distill.student_v(s.student, batch, batch.z, batch.sigma, torch.float32)
-        expected = torch.nn.functional.mse_loss(student, recomputed).item()
-        assert distill.batch_loss(s, batch).item() == pytest.approx(expected, rel=1e-4)
-    # the halving rounds draw as before: noised videos, targets from the previous student
-    distill.run(s, until=2, log=lambda m: None)
-    distill.end_phase(s, log=lambda m: None)
-    assert distill.draw_batch(c, data, s.sigmas, 9, s.device, phase=1).target is None
-
-
-def test_trajectory_samples_are_remade_only_when_they_lack_the_trajectories(images, tmp_path, monkeypatch):
-    fresh = tmp_path / "fresh"
-    distill.open_session(dict(OPTIONS, samples_per_image=2), images, fresh, torch.device("cpu"))
-    lines = []
-    traj = distill.open_session(dict(OPTIONS, samples_per_image=2, stage1_targets="trajectory"), images, fresh / "x",
-                                torch.device("cpu"), log=lines.append)
-    assert any("recording their trajectories" in line for line in lines)
-    other = tmp_path / "other"  # a fresh run's file, without trajectories: a trajectory run makes it again
-    other.mkdir()
-    (other / distill.SAMPLES_FILE).write_bytes((fresh / distill.SAMPLES_FILE).read_bytes())
-    lines = []
-    again = distill.open_session(dict(OPTIONS, samples_per_image=2, stage1_targets="trajectory"), images, other,
-                                 torch.device("cpu"), log=lines.append)
-    assert any("made for another run" in line for line in lines)
-    assert torch.equal(again.data.trajectory_v, traj.data.trajectory_v)
-
-    def no_sampling(*args, **kwargs):
-        raise AssertionError("the saved teacher samples should have been reused")
-
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    (plain / distill.SAMPLES_FILE).write_bytes((other / distill.SAMPLES_FILE).read_bytes())
-    with monkeypatch.context() as m:  # a file with trajectories serves both kinds of run
-        m.setattr(distill, "teacher_samples", no_sampling)
-        kept = distill.open_session(dict(OPTIONS, samples_per_image=2, stage1_targets="trajectory"), images, other,
-                                    torch.device("cpu"))
-        plain = distill.open_session(dict(OPTIONS, samples_per_image=2), images, plain, torch.device("cpu"))
-    assert torch.equal(kept.data.trajectory_z, again.data.trajectory_z)
-    assert torch.equal(plain.data.videos, again.data.videos) and plain.data.trajectory_v is None
-
-
 def test_precision_sets_the_autocast_and_may_change_on_resume(images, tmp_path):
     work = tmp_path / "work"
     s = distill.open_session(dict(OPTIONS, stage1_steps=4), images, work, torch.device("cpu"))
@@ -640,8 +578,6 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"sigma_log_std": 0.0}, "--sigma-log-std must be positive"),
     ({"match_steps": 2, "data": "stills"}, "--match-steps needs --data teacher"),
     ({"match_lr": 0.0}, "--match-lr must be positive"),
-    ({"stage1_targets": "cached"}, "--stage1-targets 'cached': choose fresh or trajectory"),
-    ({"stage1_targets": "trajectory", "data": "stills"}, "--stage1-targets trajectory needs --data teacher"),
     ({"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):

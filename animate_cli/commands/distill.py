@@ -60,11 +60,6 @@ def distill(
         "--sigma-log-mean", help="Centre of the lognormal sigma sampling, in log sigma [0.7].")] = None,
     sigma_log_std: Annotated[float | None, typer.Option(
         "--sigma-log-std", help="Spread of the lognormal sigma sampling, in log sigma [1.3].")] = None,
-    stage1_targets: Annotated[str | None, typer.Option(
-        "--stage1-targets", help="What stage 1 learns from: 'fresh' (the teacher's videos noised afresh each step, "
-        "two teacher passes per video for the target) or 'trajectory' (the states the teacher's own sampling passed "
-        "through and its guided outputs there, recorded while it made its videos: no teacher pass in stage 1; the "
-        "workdir keeps base-steps x a video per sample) \\[fresh].")] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", help="'auto' (bf16 autocast on CUDA, float32 elsewhere), 'bf16' (bf16 autocast on any "
         "device: faster on CPUs with bf16 instructions) or 'fp32'; may change on resume \\[auto].")] = None,
@@ -95,8 +90,7 @@ def distill(
                  samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
                  guidance_range=tuple(guidance_range) if guidance_range is not None else None,
                  sigma_sampling=sigma_sampling, round_sigma_sampling=round_sigma_sampling,
-                 sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std, stage1_targets=stage1_targets,
-                 precision=precision)
+                 sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std, precision=precision)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
