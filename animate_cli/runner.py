@@ -9,7 +9,7 @@ from animate_cli.models import Model, load_model
 from animate_cli.optimize import apply_optimizations
 from animate_cli.pipeline import DTYPES, Settings
 from animate_cli.preset import Preset, apply_settings, check_value, load_preset
-from animate_cli.student import attach_student
+from animate_cli.student import attach_student, check_student_guidance
 
 
 def resolve_preset(name: str, sets: list[str] | None, **flags) -> Preset:
@@ -41,11 +41,13 @@ def configure_backends(preset: Preset) -> None:
 
 def open_model(spec: str, preset: Preset, device: torch.device, progress: bool = True,
                compile_backend: str = "inductor") -> Model:
-    """The model with the preset's precision and speed switches applied."""
+    """The model with the preset's precision and speed switches applied; a distilled student refuses a max
+    guidance it was not distilled for."""
     configure_backends(preset)
     model = load_model(spec, DTYPES[preset.dtype], device, progress=progress)
     if preset.student:
         attach_student(model, preset.student, DTYPES[preset.dtype], device)
+        check_student_guidance(model, preset.max_guidance)  # before any work: one line, nothing written
     apply_optimizations(model, preset, backend=compile_backend)
     return model
 

@@ -304,6 +304,21 @@ def make_student_denoiser(model, cond, settings, timer=None):
     return denoise
 
 
+def check_student_guidance(model, max_guidance: float) -> None:
+    """An AnimateError when `model.unet` is a distilled student asked for a max guidance outside the range it was
+    distilled on (student.json: guidance.max_guidance_range): its guidance embedding never saw that value, so what
+    it would make is not the teacher's guided video."""
+    trained = ((model.extras.get("student") or {}).get("guidance") or {}).get("max_guidance_range")
+    if not trained:
+        return
+    lo, hi = float(min(trained)), float(max(trained))
+    if lo - 1e-6 <= max_guidance <= hi + 1e-6:
+        return
+    span = f"{lo:g}" if lo == hi else f"{lo:g} to {hi:g}"
+    raise AnimateError(f"this student was distilled for max guidance {span}, not {max_guidance:g}: use "
+                       f"--set max_guidance={min(max(max_guidance, lo), hi):g}, or a preset without a student (bf16)")
+
+
 def attach_student(model, spec: str, dtype: torch.dtype, device: torch.device) -> None:
     """Swap `model.unet` for the preset's student. spec: "auto" (the model folder's own student/, or for a
     random-weight model an untrained student: the teacher with a zero guidance embedding, for timing), a

@@ -451,6 +451,17 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     changed = cli(*args[:-2], "--lr", "0.5")
     assert_user_error(changed, "--lr 0.5 differs from the run in this workdir")
 
+    # the distilled preset with this student: the default max guidance (3) is outside its range, refused before
+    # anything is written; one inside it animates
+    video = tmp_path / "video.gif"
+    use = [images / "still0.png", "-o", video, "--model", "random:tiny", "--preset", "distilled", "--set",
+           f"student={student}", "--set", "compile=false", "--frames", "2", "--steps", "2", "--device", "cpu"]
+    assert_user_error(cli(*use), "distilled for max guidance 2 to 2.5, not 3: use --set max_guidance=2.5")
+    assert not video.exists()
+    inside = cli(*use, "--set", "max_guidance=2.25")
+    assert inside.exit_code == 0, inside.stderr
+    assert video.is_file()
+
 
 def test_cli_distill_bad_input_is_one_line(cli, tmp_path):
     assert_user_error(cli("distill", tmp_path / "nope", "--workdir", tmp_path / "w", "--device", "cpu"),
