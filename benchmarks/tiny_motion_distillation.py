@@ -79,6 +79,7 @@ def main() -> None:
                        "per step",
         },
         "distillation": meta.get("distillation"),
+        "student_guidance": meta.get("guidance"),
         **report,
         "eval_seconds": round(time.perf_counter() - start, 1),
     }
