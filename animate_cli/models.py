@@ -130,6 +130,14 @@ def prepare(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -
     return module.to(device=device).eval().requires_grad_(False)
 
 
+def quiet_load() -> dict:
+    """from_pretrained keywords for diffusers models: without accelerate (not a dependency), ask for the plain load
+    it falls back to anyway, so it does not print a suggestion to install accelerate on every run."""
+    import importlib.util
+
+    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+
+
 def load_folder(path: Path, spec: str, dtype: torch.dtype, device: torch.device) -> Model:
     """A folder in diffusers layout (model_index.json, unet/, vae/, image_encoder/, ...)."""
     if not path.is_dir():
@@ -151,8 +159,8 @@ def load_folder(path: Path, spec: str, dtype: torch.dtype, device: torch.device)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a bar per local load is noise; downloads have their own
-    unet = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **common)
-    vae = AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **common)
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **common, **quiet_load())
+    vae = AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **common, **quiet_load())
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder", **common)
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     meta_file = path / "animate.json"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -215,14 +214,15 @@ def load_student(folder: Path, dtype: torch.dtype = torch.float32, device: torch
     from diffusers import UNetSpatioTemporalConditionModel
     from safetensors.torch import load_file
 
+    from animate_cli.models import quiet_load
+
     folder = Path(folder)
     meta = read_student_config(folder)
     for need in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", GUIDANCE_FILE):
         if not (folder / need).is_file():
             raise AnimateError(f"{folder}: {need} is missing; a student folder holds safetensors weights only")
-    quiet = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}  # no nag without it
     unet = UNetSpatioTemporalConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True,
-                                                            **quiet)
+                                                            **quiet_load())
     cfg = meta["guidance_embedding"]
     wrapper = GuidedAddEmbedding(unet.add_embedding, cfg["embed_dim"], features=cfg["features"],
                                  hidden=cfg["hidden"], scale=cfg["scale"], per_frame=cfg.get("per_frame", False),

@@ -97,6 +97,22 @@ def test_folder_weights_are_the_saved_ones(saved):
             assert torch.equal(model.unet.state_dict()[name], tensor), (variant, name)
 
 
+def test_loading_a_folder_suggests_no_install(saved):
+    """accelerate is not a dependency: loading a folder without it logs no advice to install it."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = logging.getLogger("diffusers")
+    root.addHandler(handler)
+    try:
+        load_model(str(saved / "plain"), torch.float32, CPU)
+    finally:
+        root.removeHandler(handler)
+    assert not [r for r in records if "accelerate" in r.getMessage()]
+
+
 def test_fp16_variant_preferred_for_half_precision(saved, monkeypatch):
     import animate_cli.models as models
 

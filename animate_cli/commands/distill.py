@@ -44,7 +44,8 @@ def distill(
         "--samples-per-image", min=1, help="Teacher videos per still with --data teacher [4].")] = None,
     guidance_range: Annotated[tuple[float, float] | None, typer.Option(
         "--guidance-range", help="LOW HIGH: the max guidance each training video draws, uniformly; the student "
-        "is for guidance in this range (LOW = HIGH distils one value) [1 3].", show_default=False)] = None,
+        "is for guidance in this range, and refuses a max guidance outside it (LOW = HIGH distils one value) "
+        "[1 3].", show_default=False)] = None,
     guidance_input: Annotated[str | None, typer.Option(
         "--guidance-input", help="What the guidance embedding sees: 'frame' (each frame's own scale, added to "
         "that frame's time embedding) or 'video' (the video's max guidance) \\[video].")] = None,
