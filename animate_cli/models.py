@@ -159,8 +159,9 @@ def load_folder(path: Path, spec: str, dtype: torch.dtype, device: torch.device)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a bar per local load is noise; downloads have their own
-    unet = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **common, **quiet_load())
-    vae = AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **common, **quiet_load())
+    quiet = quiet_load()
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **common, **quiet)
+    vae = AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", **common, **quiet)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder", **common)
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     meta_file = path / "animate.json"
