@@ -128,6 +128,7 @@ class Bench:
         else:
             frames = run_diffusers(model, fitted, self.seed, settings, timer)
         with timer.stage("write"):
+            frames = frames.cpu()  # kept for drift against the other rows, which may live on another device
             write_video(frames, self.out_dir / f"row{self.rows.index(row)}.mp4", "mp4", settings.fps, 70)
         peak = None
         if self.device.type == "cuda":

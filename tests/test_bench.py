@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import assert_user_error
@@ -103,3 +104,27 @@ def test_plot_without_matplotlib_is_one_clear_line(cli, tmp_path, monkeypatch):
                  "--plot", tmp_path / "p.png")
     assert_user_error(result, "matplotlib", code=2)  # said before any run
     assert not (tmp_path / "p.png").exists()
+
+
+def test_rows_keep_their_frames_on_the_cpu(tmp_path, monkeypatch):
+    """A row's frames are kept for drift against every other row. The peer's come back on the CPU while the
+    project's own pipeline leaves them on the GPU: each row must keep what `.cpu()` gave, or drift compares
+    tensors on two devices."""
+    import torch
+
+    from animate_cli import bench as b
+    from animate_cli.media import load_image
+
+    cpu_frames = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+
+    class OnAnotherDevice:  # stands in for frames on a GPU: only .cpu() gives a usable tensor
+        def cpu(self):
+            return cpu_frames
+
+    monkeypatch.setattr(b, "generate", lambda *args, **kwargs: [OnAnotherDevice()])
+    rows = b.plan_rows(["fp32"], False, None, "bfloat16", {"frames": 2, "steps": 1})
+    picture = load_image(Path(__file__).parent.parent / "examples" / "shapes.png")
+    bench = b.Bench("random:tiny", torch.device("cpu"), picture, 0, "32x32", "crop", rows, tmp_path)
+    figures = bench.run(rows[0])
+    assert figures["frames"] is cpu_frames
+    assert (tmp_path / "row0.mp4").is_file()

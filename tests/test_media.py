@@ -485,3 +485,16 @@ def test_exif_transpose_is_pillow_s(tmp_path):
         loaded = load_image(path)
         assert loaded.size == ((20, 40) if orientation >= 5 else (40, 20))
         np.testing.assert_array_equal(np.asarray(loaded), np.asarray(expected.convert("RGB")))
+
+
+def test_mp4_is_x264_veryfast_at_the_quality_crf(tmp_path):
+    """x264 writes its settings into the stream: the preset (veryfast: subme=2, ref=1) and CRF = 0.51 x (100 - q)."""
+    import torch
+
+    from animate_cli.media import write_video
+
+    frames = torch.randint(0, 256, (4, 64, 96, 3), dtype=torch.uint8)
+    write_video(frames, tmp_path / "a.mp4", "mp4", 7, 70)
+    data = (tmp_path / "a.mp4").read_bytes()
+    settings = data[data.index(b"x264 - core"):].split(b"\x00")[0].decode()
+    assert " subme=2 " in settings and " ref=1 " in settings and " crf=15.0 " in settings
