@@ -153,8 +153,8 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int, quality: int) -> None:
     import imageio.v2 as imageio
 
     crf = round((100 - quality) * 0.51)  # quality 100 -> CRF 0 (lossless), 70 -> 15, 1 -> 50
-    # x264 "veryfast": 2.2-3x faster than "medium" at the same CRF, about 5% larger and 0.3 dB lower PSNR
-    # (benchmarks/README.md); at 1024x576 the encode was a quarter of a distilled run on an H200.
+    # x264 "veryfast": 2.1-3x faster than "medium" at the same CRF, about 5% larger and 0.35 dB lower PSNR
+    # (README.md, "On an NVIDIA H200"); at 1024x576 the encode was a quarter of a distilled run on an H200.
     params = ["-crf", str(crf), "-preset", X264_PRESET, "-movflags", "+faststart"]
     with imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
                             quality=None, macro_block_size=1, output_params=params,

@@ -55,7 +55,11 @@ def main() -> None:
     parser.add_argument("--presets", default="medium,veryfast,ultrafast")
     parser.add_argument("--quality", type=int, default=70)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="x264-"))
+    with tempfile.TemporaryDirectory(prefix="x264-") as scratch:
+        run(args, Path(scratch))
+
+
+def run(args: argparse.Namespace, folder: Path) -> None:
     for name, frames in clips().items():
         for preset in args.presets.split(","):
             media.X264_PRESET = preset
