@@ -33,6 +33,7 @@ def test_json_has_every_figure_per_preset(preset_bench):
     result, report, _ = preset_bench
     assert report["header"]["random_weights"] is True and report["header"]["torch"]
     assert any("CPU figures" in n for n in report["notes"])  # no GPU here, and the report says so
+    assert report["complete"] is True and not any(n.startswith("incomplete") for n in report["notes"])
     rows = rows_by_label(report)
     for label in ("fp32", "bf16", "diffusers (float32)"):
         row = rows[label]
@@ -128,3 +129,30 @@ def test_rows_keep_their_frames_on_the_cpu(tmp_path, monkeypatch):
     figures = bench.run(rows[0])
     assert figures["frames"] is cpu_frames
     assert (tmp_path / "row0.mp4").is_file()
+
+
+def test_json_is_written_after_every_run_so_a_stopped_bench_keeps_its_figures(tmp_path, monkeypatch):
+    """Ctrl-C (or a failure) in a later row: the JSON already holds the rows measured before it, marked
+    incomplete; a bench that finishes marks it complete."""
+    from conftest import run_main
+
+    from animate_cli import bench as b
+
+    real_run = b.Bench.run
+
+    def run(self, row):
+        if row.label == "bf16":
+            raise KeyboardInterrupt
+        return real_run(self, row)
+
+    monkeypatch.setattr(b.Bench, "run", run)
+    path = tmp_path / "b.json"
+    result = run_main(["bench", *SMALL, "--steps", "1", "--presets", "fp32,bf16", "--repeats", "1",
+                       "--warmup", "0", "--json", path])
+    assert result.exit_code == 130
+    report = json.loads(path.read_text())
+    assert report["complete"] is False and any(n.startswith("incomplete") for n in report["notes"])
+    rows = rows_by_label(report)
+    assert rows["fp32"]["repeats"] == 1 and rows["fp32"]["total_s"]["median"] > 0
+    assert "total_s" not in rows["bf16"]
+    assert not list(tmp_path.glob(".*partial"))

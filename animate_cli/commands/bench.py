@@ -57,31 +57,41 @@ def bench(
     torch_device = resolve_device(device)
     if model is None:
         model = "random:svd-xt" if torch_device.type == "cuda" else "random:tiny"
+    def report(bench_run, complete: bool) -> tuple[list[dict], dict, list[str]]:
+        summary = b.summarise(bench_run)
+        random_weights = any(m.random_weights for m in bench_run.models.values())
+        head = b.header(torch_device, model, random_weights)
+        notes = [f"{r['label']}: unavailable ({r['reason']})" for r in summary if not r["available"]]
+        if not complete:
+            notes.append("incomplete: written after each run; rows without figures had not run yet")
+        if torch_device.type != "cuda":
+            notes.append("CPU figures: absolute times say little about a GPU; compare ratios within this run")
+        if random_weights:
+            notes.append(RANDOM_WEIGHTS_NOTE + "; drift figures only say how far the numerics move")
+        if heldout_rows := [r for r in summary if r.get("heldout")]:
+            notes.append(f"held-out: PSNR (dB) of each row's clips against the true clips from the same first "
+                         f"frames, {heldout_rows[0]['heldout']['clips']} clips, and the error of the moving shape's "
+                         "centroid in pixels; still-frame: the first frame repeated")
+        if json_path is not None:  # after every run too: a long GPU bench that stops keeps what it measured
+            write_json(json_path, {"header": head, "image": str(image_path), "seed": seed, "warmup": warmup,
+                                   "repeats": repeats, "complete": complete, "notes": notes, "rows": summary})
+        return summary, head, notes
+
+    def on_run(row, i, figures) -> None:
+        out.info(f"  round {i + 1}: {row.label} {figures['total_s']:.2f} s")
+        if json_path is not None:
+            report(bench_run, complete=False)
+
     with b.scratch_dir() as scratch:
         bench_run = b.Bench(model, torch_device, picture, seed, size, "crop", rows, Path(scratch),
                             compile_backend=compile_backend)
         active = [r for r in rows if r.unavailable is None]
         out.info(f"bench: {len(active)} rows x ({warmup} warm-up + {repeats} measured) runs on {torch_device}, "
                  f"model {model}, image {image_path}")
-        b.measure(bench_run, warmup, repeats, on_run=lambda row, i, figures: out.info(
-            f"  round {i + 1}: {row.label} {figures['total_s']:.2f} s"))
+        b.measure(bench_run, warmup, repeats, on_run=on_run)
         b.heldout_quality(bench_run)
-        random_weights = any(m.random_weights for m in bench_run.models.values())
-    summary = b.summarise(bench_run)
-    head = b.header(torch_device, model, random_weights)
-    notes = [f"{r['label']}: unavailable ({r['reason']})" for r in summary if not r["available"]]
-    if torch_device.type != "cuda":
-        notes.append("CPU figures: absolute times say little about a GPU; compare ratios within this run")
-    if random_weights:
-        notes.append(RANDOM_WEIGHTS_NOTE + "; drift figures only say how far the numerics move")
-    if heldout_rows := [r for r in summary if r.get("heldout")]:
-        notes.append(f"held-out: PSNR (dB) of each row's clips against the true clips from the same first frames, "
-                     f"{heldout_rows[0]['heldout']['clips']} clips, and the error of the moving shape's centroid "
-                     "in pixels; still-frame: the first frame repeated")
+        summary, head, notes = report(bench_run, complete=True)
     out.result(table(summary, head, notes))
-    if json_path is not None:
-        write_json(json_path, {"header": head, "image": str(image_path), "seed": seed, "warmup": warmup,
-                               "repeats": repeats, "notes": notes, "rows": summary})
     if plot_path is not None:
         b.plot(summary, title_of(head), plot_path)
 
