@@ -22,6 +22,10 @@ Manifest. OUTDIR/animate-manifest.jsonl, one JSON object per line, appended (and
 goes; a torn last line from a crash is closed with a newline before appending and skipped by
 read_manifest. The manifest is locked while a run writes to OUTDIR: two runs never share one.
 
+Writing. Videos are encoded on one background thread (Writer) while the next group is generated; their
+manifest lines are written by the main thread once they are written, before the next group's writes start
+and at the end of the run.
+
 Interrupts. The first SIGINT or SIGTERM abandons the image being denoised (at the next step) or lets
 the one being decoded or written finish, then the run ends with 128 + the signal number (130 for
 Ctrl-C); a second one stops at once. Either way no temporary file is left and an abandoned image gets
@@ -422,6 +426,34 @@ class RunState:
     model: object | None = None
     load_s: float = 0.0
     records: list[dict] = field(default_factory=list)
+    writer: Writer = field(default_factory=lambda: Writer())
+
+
+class Writer:
+    """Writes videos on one background thread, so the CPU encodes one group's videos while the GPU generates
+    the next. What a write gives (done or failed) is recorded by the main thread, in submission order, when it
+    collects: before it submits the next group's writes, and at the end of the run."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="animate-writer")
+        self.pending: list[tuple[object, object]] = []  # (future, what to do with it in the main thread)
+
+    def submit(self, write, on_done) -> None:
+        self.pending.append((self.executor.submit(write), on_done))
+
+    def collect(self) -> None:
+        """Wait for every write submitted so far and record each."""
+        while self.pending:
+            future, on_done = self.pending.pop(0)
+            on_done(future)
+
+    def close(self) -> None:
+        try:
+            self.collect()
+        finally:
+            self.executor.shutdown(wait=True)
 
 
 def out_of_memory_types() -> tuple[type[BaseException], ...]:
@@ -458,6 +490,8 @@ def run_batch(options: BatchOptions) -> dict:
                 run_jobs(state, jobs)
             except KeyboardInterrupt:  # a second signal: stop now
                 stop.signum = stop.signum or signal.SIGINT
+            finally:
+                state.writer.close()  # the videos still being written, recorded before the manifest closes
     finally:
         manifest.close()
     summary = summarize(state, jobs, time.perf_counter() - started)
@@ -587,22 +621,31 @@ def run_group(state: RunState, group: list[Pending]) -> None:
         record(state, pending.job, "failed", error=error, seed=pending.seed, settings=settings)
         return
     n = len(group)
+    frames = frames.cpu()  # the device's copy can go; the writer encodes from this one
+    state.writer.collect()  # the previous group's videos, written while this group was generated
     for i, pending in enumerate(group):
         stages = {name: seconds / n for name, seconds in timer.stages.items()}
         stages["preprocess"] = stages.get("preprocess", 0.0) + pending.read_s
-        start = time.perf_counter()
-        try:
-            write_video(frames[i], pending.job.output, options.fmt, used.fps, options.quality)
-        except (AnimateError, OSError, ValueError, RuntimeError) as e:
-            if state.stop.requested:  # ffmpeg got the terminal's Ctrl-C too: abandoned, not failed
-                out.info(escape(f"interrupted: abandoned {pending.job.rel} while writing (nothing written)"))
-                continue
-            record(state, pending.job, "failed", error=f"writing {pending.job.output}: {e}", seed=pending.seed,
-                   settings=used)
-            continue
-        stages["write"] = time.perf_counter() - start
-        record(state, pending.job, "done", seed=pending.seed, settings=used, stages=stages, batch=n,
-               retried=retried)
+
+        def write(video=frames[i], pending=pending) -> float:
+            start = time.perf_counter()
+            write_video(video, pending.job.output, options.fmt, used.fps, options.quality)
+            return time.perf_counter() - start
+
+        def written(future, pending=pending, stages=stages) -> None:
+            try:
+                stages["write"] = future.result()
+            except (AnimateError, OSError, ValueError, RuntimeError) as e:
+                if state.stop.requested:  # ffmpeg got the terminal's Ctrl-C too: abandoned, not failed
+                    out.info(escape(f"interrupted: abandoned {pending.job.rel} while writing (nothing written)"))
+                    return
+                record(state, pending.job, "failed", error=f"writing {pending.job.output}: {e}",
+                       seed=pending.seed, settings=used)
+                return
+            record(state, pending.job, "done", seed=pending.seed, settings=used, stages=stages, batch=n,
+                   retried=retried)
+
+        state.writer.submit(write, written)
 
 
 def retried_chunk(settings) -> int:

@@ -278,6 +278,44 @@ def test_sigterm_abandons_the_current_image_cleanly(tmp_path, cli, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
 
+def test_videos_are_written_while_the_next_image_is_generated(tmp_path, cli, monkeypatch):
+    """The writer thread encodes image k while the main thread generates image k + 1; every video still gets
+    its manifest line and its own write time, and a write that fails is that image's failure alone."""
+    import threading
+
+    from animate_cli import pipeline
+
+    src, outdir = tmp_path / "in", tmp_path / "out"
+    good_images(src, 3)
+    events, real_generate, real_write = [], pipeline.generate, batch.write_video
+
+    def generate(model, images, seeds, settings, timer, on_step=None):
+        events.append(("generate", time.perf_counter(), threading.current_thread().name))
+        return real_generate(model, images, seeds, settings, timer, on_step=on_step)
+
+    def write_video(frames, output, *args):
+        events.append(("write", time.perf_counter(), threading.current_thread().name))
+        time.sleep(0.5)
+        if output.stem == "img2":
+            raise OSError(28, "No space left on device")
+        real_write(frames, output, *args)
+        events.append(("written", time.perf_counter(), output.stem))
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    monkeypatch.setattr(batch, "write_video", write_video)
+    code, _, stderr = cli(src, "-o", outdir, "--size", "64x32", "--seed", 1, *TINY)
+    assert code == 1, stderr  # one image failed
+    starts = [t for name, t, _ in events if name == "generate"]
+    first_written = next(t for name, t, stem in events if name == "written" and stem == "img0")
+    assert len(starts) == 3 and starts[1] < first_written  # image 1 was generated while image 0 was written
+    assert {who for name, _, who in events if name == "write"} == {"animate-writer_0"}
+    records = {r["rel"]: r for r in read_manifest(outdir / MANIFEST_NAME)}
+    assert [records[f"img{i}.png"]["status"] for i in range(3)] == ["done", "done", "failed"]
+    assert "No space left on device" in records["img2.png"]["error"]
+    assert all(records[f"img{i}.png"]["timing_s"]["write"] >= 0.5 for i in range(2))
+    assert sorted(p.name for p in outdir.iterdir()) == ["animate-manifest.jsonl", "img0.mp4", "img1.mp4"]
+
+
 # Batching, seeds, summary
 
 
