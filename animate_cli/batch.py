@@ -24,7 +24,9 @@ read_manifest. The manifest is locked while a run writes to OUTDIR: two runs nev
 
 Writing. Videos are encoded on one background thread (Writer) while the next group is generated; their
 manifest lines are written by the main thread once they are written, before the next group's writes start
-and at the end of the run.
+and at the end of the run, so lines follow the order in which images finish, not the input order. A run
+killed outright (SIGKILL) in that gap leaves a complete video without a line; a later run skips it as
+existing.
 
 Interrupts. The first SIGINT or SIGTERM abandons the image being denoised (at the next step) or lets
 the one being decoded or written finish, then the run ends with 128 + the signal number (130 for
@@ -444,14 +446,26 @@ class Writer:
         self.pending.append((self.executor.submit(write), on_done))
 
     def collect(self) -> None:
-        """Wait for every write submitted so far and record each."""
+        """Wait for every write submitted so far and record each. A KeyboardInterrupt while waiting leaves the
+        write it waited for pending, to be recorded by close()."""
         while self.pending:
-            future, on_done = self.pending.pop(0)
+            future, on_done = self.pending[0]
+            future.exception()  # waits; the write's own errors come back through its result
+            self.pending.pop(0)
             on_done(future)
 
     def close(self) -> None:
+        """Record every write. On a second signal (KeyboardInterrupt) start no more: the write under way ends
+        (ffmpeg finishes, its temporary file renamed or removed), the ones not started are dropped and their
+        images get no manifest line, like any image abandoned by an interrupt."""
         try:
             self.collect()
+        except KeyboardInterrupt:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            for future, on_done in self.pending:
+                if not future.cancelled():
+                    on_done(future)
+            self.pending.clear()
         finally:
             self.executor.shutdown(wait=True)
 
@@ -627,23 +641,26 @@ def run_group(state: RunState, group: list[Pending]) -> None:
         stages = {name: seconds / n for name, seconds in timer.stages.items()}
         stages["preprocess"] = stages.get("preprocess", 0.0) + pending.read_s
 
-        def write(video=frames[i], pending=pending) -> float:
+        def write(video=frames[i], pending=pending) -> tuple[float, str | None, bool]:
+            """(seconds, error or None, whether the run had been interrupted when the write failed)."""
             start = time.perf_counter()
-            write_video(video, pending.job.output, options.fmt, used.fps, options.quality)
-            return time.perf_counter() - start
+            try:
+                write_video(video, pending.job.output, options.fmt, used.fps, options.quality)
+            except (AnimateError, OSError, ValueError, RuntimeError) as e:
+                return time.perf_counter() - start, str(e), state.stop.requested
+            return time.perf_counter() - start, None, False
 
         def written(future, pending=pending, stages=stages) -> None:
-            try:
-                stages["write"] = future.result()
-            except (AnimateError, OSError, ValueError, RuntimeError) as e:
-                if state.stop.requested:  # ffmpeg got the terminal's Ctrl-C too: abandoned, not failed
-                    out.info(escape(f"interrupted: abandoned {pending.job.rel} while writing (nothing written)"))
-                    return
-                record(state, pending.job, "failed", error=f"writing {pending.job.output}: {e}",
+            seconds, error, interrupted = future.result()
+            if error is None:
+                stages["write"] = seconds
+                record(state, pending.job, "done", seed=pending.seed, settings=used, stages=stages, batch=n,
+                       retried=retried)
+            elif interrupted:  # ffmpeg got the terminal's Ctrl-C too: abandoned, not failed
+                out.info(escape(f"interrupted: abandoned {pending.job.rel} while writing (nothing written)"))
+            else:
+                record(state, pending.job, "failed", error=f"writing {pending.job.output}: {error}",
                        seed=pending.seed, settings=used)
-                return
-            record(state, pending.job, "done", seed=pending.seed, settings=used, stages=stages, batch=n,
-                   retried=retried)
 
         state.writer.submit(write, written)
 

@@ -247,6 +247,15 @@ def test_sigint_mid_run_then_rerun_finishes_the_rest_once(tmp_path):
     assert partials(outdir) == []
 
 
+def assert_sigterm_left_img0_alone(code: int, stderr: str, outdir: Path) -> None:
+    """Exit 143 with the summary; image 0 done and written, nothing else: no output, line or temporary file."""
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "interrupted (SIGTERM)" in stderr and "1 done in this run, 2 not run" in stderr
+    records = read_manifest(outdir / MANIFEST_NAME)
+    assert [(r["rel"], r["status"]) for r in records] == [("img0.png", "done")]
+    assert sorted(p.name for p in outdir.iterdir()) == ["animate-manifest.jsonl", "img0.mp4"]
+
+
 def test_sigterm_abandons_the_current_image_cleanly(tmp_path, cli, monkeypatch):
     """SIGTERM while the second image is denoising: the first stays done, the second is abandoned
     (no output, no manifest line, no temporary file), the third never starts; exit 143."""
@@ -269,11 +278,7 @@ def test_sigterm_abandons_the_current_image_cleanly(tmp_path, cli, monkeypatch):
 
     monkeypatch.setattr(pipeline, "generate", generate)
     code, _, stderr = cli(src, "-o", outdir, "--size", "64x32", "--seed", 1, *TINY)
-    assert code == 128 + signal.SIGTERM, stderr
-    assert "interrupted (SIGTERM)" in stderr and "1 done in this run, 2 not run" in stderr
-    records = read_manifest(outdir / MANIFEST_NAME)
-    assert [(r["rel"], r["status"]) for r in records] == [("img0.png", "done")]
-    assert sorted(p.name for p in outdir.iterdir()) == ["animate-manifest.jsonl", "img0.mp4"]
+    assert_sigterm_left_img0_alone(code, stderr, outdir)
     assert len(calls) == 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
@@ -314,6 +319,77 @@ def test_videos_are_written_while_the_next_image_is_generated(tmp_path, cli, mon
     assert "No space left on device" in records["img2.png"]["error"]
     assert all(records[f"img{i}.png"]["timing_s"]["write"] >= 0.5 for i in range(2))
     assert sorted(p.name for p in outdir.iterdir()) == ["animate-manifest.jsonl", "img0.mp4", "img1.mp4"]
+
+
+def test_a_second_signal_while_a_video_is_written_finishes_that_write_and_reports(tmp_path, cli, monkeypatch):
+    """SIGTERM while image 1 is denoising, then another while the run waits for image 0's background write:
+    that write completes and gets its manifest line, nothing else is written, and the run still ends with its
+    summary and exit 143."""
+    import threading
+
+    from animate_cli import pipeline
+
+    src, outdir = tmp_path / "in", tmp_path / "out"
+    good_images(src, 3)
+    real_generate, real_write, calls = pipeline.generate, batch.write_video, []
+
+    def generate(model, images, seeds, settings, timer, on_step=None):
+        calls.append(seeds)
+
+        def step(i):
+            if len(calls) == 2 and i == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()  # during the wait
+                time.sleep(0.05)  # let the handler run
+            on_step(i)
+
+        return real_generate(model, images, seeds, settings, timer, on_step=step)
+
+    def write_video(*args):
+        time.sleep(1.5)
+        real_write(*args)
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    monkeypatch.setattr(batch, "write_video", write_video)
+    code, _, stderr = cli(src, "-o", outdir, "--size", "64x32", "--seed", 1, *TINY)
+    assert_sigterm_left_img0_alone(code, stderr, outdir)
+    assert (outdir / "img0.mp4").stat().st_size > 0
+
+
+def test_a_write_that_failed_before_an_interrupt_is_recorded_as_failed(tmp_path, cli, monkeypatch):
+    """Image 0's background write fails (disk full), then SIGTERM arrives while image 1 is denoising: image 0 is
+    recorded as failed with its reason when the run collects it, not taken for a write the interrupt broke."""
+    import threading
+
+    from animate_cli import pipeline
+
+    src, outdir = tmp_path / "in", tmp_path / "out"
+    good_images(src, 3)
+    real_generate, calls, failed = pipeline.generate, [], threading.Event()
+
+    def generate(model, images, seeds, settings, timer, on_step=None):
+        calls.append(seeds)
+
+        def step(i):
+            if len(calls) == 2 and i == 0:
+                assert failed.wait(10)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            on_step(i)
+
+        return real_generate(model, images, seeds, settings, timer, on_step=step)
+
+    def write_video(*args):
+        failed.set()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    monkeypatch.setattr(batch, "write_video", write_video)
+    code, _, stderr = cli(src, "-o", outdir, "--size", "64x32", "--seed", 1, *TINY)
+    assert code == 128 + signal.SIGTERM, stderr
+    records = read_manifest(outdir / MANIFEST_NAME)
+    assert [(r["rel"], r["status"]) for r in records] == [("img0.png", "failed")]
+    assert "No space left on device" in records[0]["error"]
 
 
 # Batching, seeds, summary
