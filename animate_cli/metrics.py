@@ -11,23 +11,28 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-frame SSIM (Wang et al. 2004) of uint8 frames [F, H, W, 3]: Gaussian window, per channel, averaged."""
-    x, y = (t.double().permute(0, 3, 1, 2) / 255.0 for t in (a, b))  # [F, 3, H, W]
-    side = min(x.shape[-2:])
+    """Per-frame SSIM (Wang et al. 2004) of uint8 frames [F, H, W, 3]: Gaussian window, per channel, averaged.
+    The Gaussian blur runs as two 1-D passes in float32, a frame at a time: the same window as the 2-D one, and
+    seconds rather than minutes for 25 frames at 1024x576 on a CPU."""
+    side = min(a.shape[1:3])
     window = min(window, side if side % 2 else side - 1)  # odd, and no larger than the frame
     coords = torch.arange(window, dtype=torch.float64) - window // 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = (g / g.sum()).to(x.device)
-    kernel = (g[:, None] * g[None, :]).expand(3, 1, window, window)
+    g = (g / g.sum()).float().to(a.device)
+    rows, cols = g.view(1, 1, window, 1).expand(3, 1, window, 1), g.view(1, 1, 1, window).expand(3, 1, 1, window)
 
     def blur(t):
-        return F.conv2d(t, kernel, groups=3)
+        return F.conv2d(F.conv2d(t, rows, groups=3), cols, groups=3)
 
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
+    scores = []
+    for fa, fb in zip(a, b, strict=True):
+        x, y = (f.permute(2, 0, 1).unsqueeze(0).float() / 255.0 for f in (fa, fb))  # [1, 3, H, W]
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        scores.append(s.double().mean())
+    return torch.stack(scores)
 
 
 def drift(frames: torch.Tensor, reference: torch.Tensor) -> dict:

@@ -156,3 +156,49 @@ def test_json_is_written_after_every_run_so_a_stopped_bench_keeps_its_figures(tm
     assert rows["fp32"]["repeats"] == 1 and rows["fp32"]["total_s"]["median"] > 0
     assert "total_s" not in rows["bf16"]
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_drift_is_computed_once_per_row_though_the_json_is_rewritten_per_run(tmp_path, monkeypatch):
+    from conftest import run_main
+
+    from animate_cli import bench as b
+
+    calls = []
+    real = b.drift
+    monkeypatch.setattr(b, "drift", lambda *args: calls.append(1) or real(*args))
+    result = run_main(["bench", *SMALL, "--steps", "1", "--presets", "fp32,bf16", "--repeats", "2",
+                       "--warmup", "0", "--json", tmp_path / "b.json"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert len(calls) == 2  # fp32 against itself and bf16 against fp32, over 4 runs and 5 writes
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["drift"]["psnr_mean_db"] > 0
+
+
+def test_ssim_matches_the_two_dimensional_gaussian_window_in_float64():
+    """The separable float32 blur against the textbook form: an 11x11 Gaussian (sigma 1.5) applied directly,
+    in float64, over every full window of each channel."""
+    import torch
+
+    from animate_cli.metrics import ssim
+
+    torch.manual_seed(0)
+    a = torch.randint(0, 256, (2, 16, 20, 3), dtype=torch.uint8)
+    b = (a.int() + torch.randint(-30, 31, a.shape)).clamp(0, 255).to(torch.uint8)
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    w = torch.outer(g, g) / torch.outer(g, g).sum()
+    expected = []
+    for fa, fb in zip(a.double() / 255, b.double() / 255, strict=True):
+        values = []
+        for c in range(3):
+            for i in range(16 - 10):
+                for j in range(20 - 10):
+                    x, y = fa[i:i + 11, j:j + 11, c], fb[i:i + 11, j:j + 11, c]
+                    mx, my = (w * x).sum(), (w * y).sum()
+                    vx, vy = (w * x * x).sum() - mx**2, (w * y * y).sum() - my**2
+                    cxy = (w * x * y).sum() - mx * my
+                    values.append(((2 * mx * my + 1e-4) * (2 * cxy + 9e-4))
+                                  / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4)))
+        expected.append(torch.stack(values).mean())
+    assert torch.allclose(ssim(a, b), torch.stack(expected), atol=1e-6)
+    assert torch.equal(ssim(a, a), torch.ones(2, dtype=torch.float64))
+    assert (ssim(a, b) < 1).all()

@@ -57,6 +57,7 @@ def bench(
     torch_device = resolve_device(device)
     if model is None:
         model = "random:svd-xt" if torch_device.type == "cuda" else "random:tiny"
+
     def report(bench_run, complete: bool) -> tuple[list[dict], dict, list[str]]:
         summary = b.summarise(bench_run)
         random_weights = any(m.random_weights for m in bench_run.models.values())
