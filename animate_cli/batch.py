@@ -411,26 +411,6 @@ def escape(text: str) -> str:
 # The run
 
 
-@dataclass
-class Pending:
-    job: Job
-    image: Image.Image  # at the output size
-    seed: int
-    read_s: float  # reading and fitting the image
-
-
-@dataclass
-class RunState:
-    options: BatchOptions
-    manifest: Manifest
-    progress: BatchProgress
-    stop: Interrupts
-    model: object | None = None
-    load_s: float = 0.0
-    records: list[dict] = field(default_factory=list)
-    writer: Writer = field(default_factory=lambda: Writer())
-
-
 class Writer:
     """Writes videos on one background thread, so the CPU encodes one group's videos while the GPU generates
     the next. What a write gives (done or failed) is recorded by the main thread, in submission order, when it
@@ -468,6 +448,26 @@ class Writer:
             self.pending.clear()
         finally:
             self.executor.shutdown(wait=True)
+
+
+@dataclass
+class Pending:
+    job: Job
+    image: Image.Image  # at the output size
+    seed: int
+    read_s: float  # reading and fitting the image
+
+
+@dataclass
+class RunState:
+    options: BatchOptions
+    manifest: Manifest
+    progress: BatchProgress
+    stop: Interrupts
+    model: object | None = None
+    load_s: float = 0.0
+    records: list[dict] = field(default_factory=list)
+    writer: Writer = field(default_factory=Writer)
 
 
 def out_of_memory_types() -> tuple[type[BaseException], ...]:
