@@ -14,6 +14,10 @@ Phases, one resumable run (WORKDIR/checkpoint.safetensors):
       DDIM steps of the previous phase's student (frozen, loaded from WORKDIR/phase-{r-1}) land: the target x0 is
       (z'' - (s_next/s) z) / (1 - s_next/s)  (z'' when s_next = 0). 32 -> 16 -> 8 steps with rounds = 2.
       Their sigmas come evenly from their own grids (round_sigma_sampling = "uniform"), or as stage 1 draws.
+      step_factor (default 2) is how many steps each round folds into one: rounds = 1, step_factor = 4 goes
+      32 -> 8 in one round. round_target = "teacher" takes each target from the original teacher instead, guided
+      (two passes per step), over every base-grid step the student's step spans (2 then 4 with the defaults): the
+      target then carries none of stage 1's error, at twice the passes per target step.
   phase rounds + 1, stage 3 (optional, match_steps > 0; data = "teacher"): the final student samples from each
       teacher sample's own initial noise, with its own few steps, and learns to land where the teacher's
       32-step guided sample landed (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative
@@ -72,6 +76,7 @@ LR_SCHEDULES = ("linear", "constant")
 GUIDANCE_INPUTS = ("frame", "video")
 SIGMA_SAMPLINGS = ("lognormal", "uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
+ROUND_TARGETS = ("previous", "teacher")
 UNIFORM_SHARE = 0.1  # lognormal sigma sampling keeps this share uniform over the grid: every point is trained
 
 
@@ -84,6 +89,8 @@ class DistillConfig:
     stage1_steps: int = 2000
     round_steps: int = 2000
     rounds: int = 2
+    step_factor: int = 2  # each round divides the steps by this (2: halving, as Salimans & Ho)
+    round_target: str = "previous"  # the rounds' targets: the "previous" phase's student, or the guided "teacher"
     final_steps: int = 8
     schedule: str = "karras"
     lr: float = 1e-5
@@ -112,7 +119,7 @@ class DistillConfig:
 
     @property
     def base_steps(self) -> int:
-        return self.final_steps * 2**self.rounds
+        return self.final_steps * self.step_factor**self.rounds
 
     @property
     def last_phase(self) -> int:
@@ -137,7 +144,7 @@ class DistillConfig:
     def student_steps(self, phase: int) -> int:
         """Sampling steps the student of `phase` is trained for (32, 16, 8 with the defaults; stage 3 keeps the
         final count)."""
-        return self.base_steps // 2 ** min(phase, self.rounds)
+        return self.base_steps // self.step_factor ** min(phase, self.rounds)
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
@@ -154,8 +161,13 @@ def check_config(c: DistillConfig) -> None:
         low = 0 if name in ("stage1_steps", "round_steps", "rounds", "match_steps") else 1
         if getattr(c, name) < low:
             raise AnimateError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(c, name)}")
+    if c.step_factor < 2:
+        raise AnimateError(f"--step-factor must be at least 2, got {c.step_factor}")
     if c.base_steps > 1024:
-        raise AnimateError(f"{c.final_steps} steps x 2^{c.rounds} rounds = {c.base_steps} base steps: too many")
+        raise AnimateError(f"{c.final_steps} steps x {c.step_factor}^{c.rounds} rounds = {c.base_steps} base steps: "
+                           "too many")
+    if c.round_target not in ROUND_TARGETS:
+        raise AnimateError(f"--round-target {c.round_target!r}: choose {' or '.join(ROUND_TARGETS)}")
     lo, hi = c.guidance_range
     if not 0 <= lo <= hi:
         raise AnimateError(f"--guidance-range {lo} {hi}: expected 0 <= LOW <= HIGH")
@@ -488,19 +500,36 @@ def stage1_target(s: Session, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def stage2_target(s: Session, batch: Batch) -> torch.Tensor:
-    """Two DDIM steps of the previous student from (z, s_k) on its grid -> the x0 one student step needs -> v."""
+    """Where the round's target model lands in DDIM steps from (z, s_k) over the points of its finer grid that one
+    student step spans -> the x0 one student step needs -> v. round_target "previous": step_factor steps of the
+    previous phase's student (one pass each); "teacher": base_steps / student_steps steps of the original teacher,
+    guided (two passes each)."""
     c = s.config
-    teacher_grid = grid(c, s.scheduler_config, c.student_steps(s.phase - 1)).to(s.device)
+    steps = c.student_steps(s.phase)
+    if c.round_target == "teacher":
+        fine = c.base_steps
+
+        def x0_at(x, a):
+            return x0_from_v(x, a, guided_teacher_v(s.teacher, batch, x, a, c.min_guidance, s.teacher_dtype))
+    else:
+        fine = c.student_steps(s.phase - 1)
+
+        def x0_at(x, a):
+            return x0_from_v(x, a, student_v(s.teacher, batch, x, a, s.teacher_dtype))
+
+    span = fine // steps
+    fine_grid = grid(c, s.scheduler_config, fine).to(s.device)
     k = batch.k.to(s.device)
-    s0, s1, s2 = teacher_grid[2 * k], teacher_grid[2 * k + 1], teacher_grid[2 * k + 2]
     z = batch.z
-    with s.autocast():
-        d0 = x0_from_v(z, s0, student_v(s.teacher, batch, z, s0, s.teacher_dtype))
-        z1 = d0 + (s1 / s0).view(-1, 1, 1, 1, 1) * (z - d0)
-        d1 = x0_from_v(z1, s1, student_v(s.teacher, batch, z1, s1, s.teacher_dtype))
-    z2 = d1 + (s2 / s1).view(-1, 1, 1, 1, 1) * (z1 - d1)
-    ratio = (s2 / s0).view(-1, 1, 1, 1, 1)  # 0 on the last step: the target is z2 itself
-    target_x0 = (z2 - ratio * z) / (1 - ratio)
+    x = z
+    for j in range(span):
+        a, b = fine_grid[span * k + j], fine_grid[span * k + j + 1]
+        with s.autocast():
+            d = x0_at(x, a)
+        x = d + (b / a).view(-1, 1, 1, 1, 1) * (x - d)
+    s0 = fine_grid[span * k]
+    ratio = (fine_grid[span * k + span] / s0).view(-1, 1, 1, 1, 1)  # 0 on the last step: the target is x itself
+    target_x0 = (x - ratio * z) / (1 - ratio)
     return v_from_x0(z, s0, target_x0)
 
 
@@ -564,7 +593,8 @@ def phase_name(c: DistillConfig, phase: int) -> str:
         return f"stage 1: guidance, {c.student_steps(0)} steps"
     if c.is_match(phase):
         return f"stage 3: {c.final_steps} steps matching the teacher's {c.base_steps}-step samples"
-    return f"stage 2 round {phase}/{c.rounds}: {c.student_steps(phase - 1)} -> {c.student_steps(phase)} steps"
+    to = " (the teacher's steps)" if c.round_target == "teacher" else ""
+    return f"stage 2 round {phase}/{c.rounds}: {c.student_steps(phase - 1)} -> {c.student_steps(phase)} steps{to}"
 
 
 def stage_number(c: DistillConfig, phase: int) -> int:
@@ -628,13 +658,13 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
 
 
 def load_teacher(s: Session) -> None:
-    """Phase 0: the original UNet; phase r: the student that phase r - 1 saved (frozen, in the teacher dtype);
-    stage 3: none (its targets are the teacher's samples)."""
+    """Phase 0, and every round with round_target "teacher": the original UNet; phase r: the student that phase
+    r - 1 saved (frozen, in the teacher dtype); stage 3: none (its targets are the teacher's samples)."""
     if s.done:
         s.teacher = None
     elif s.config.is_match(s.phase):
         s.teacher, s.base_unet = None, None
-    elif s.phase == 0:
+    elif s.phase == 0 or s.config.round_target == "teacher":
         s.teacher = s.base_unet
     else:
         s.teacher, _ = load_student(phase_folder(s.workdir, s.phase - 1), s.teacher_dtype, s.device)
@@ -786,7 +816,8 @@ def sampler_config(s: Session, phase: int) -> dict:
                          "width": c.width, "height": c.height},
         "teacher": s.extras.get("model_source", c.model),
         "distillation": {"phase": phase, "stage1_steps": c.stage1_steps, "round_steps": c.round_steps,
-                         "rounds": c.rounds, "batch_size": c.batch_size, "lr": c.lr, "lr_schedule": c.lr_schedule,
+                         "rounds": c.rounds, "step_factor": c.step_factor, "round_target": c.round_target,
+                         "batch_size": c.batch_size, "lr": c.lr, "lr_schedule": c.lr_schedule,
                          "sigma_sampling": sampling_record(c, c.sigma_sampling),
                          "round_sigma_sampling": sampling_record(c, c.round_sigma_sampling),
                          "precision": c.precision, "images": len(s.data.names), "data": c.data,

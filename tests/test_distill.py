@@ -321,6 +321,63 @@ def test_stage2_target_is_where_two_teacher_steps_land(images, tmp_path):
     assert torch.allclose(one, two, atol=1e-4 * (1 + two.abs().max().item()))
 
 
+@pytest.mark.parametrize("round_target", ["previous", "teacher"])
+def test_a_round_folds_step_factor_steps_of_its_target_model_into_one(images, tmp_path, round_target):
+    options = dict(OPTIONS, step_factor=4, round_target=round_target)
+    s = distill.open_session(options, images, tmp_path / "work", torch.device("cpu"))
+    c = s.config
+    assert (c.base_steps, c.student_steps(0), c.student_steps(1)) == (8, 8, 2)
+    distill.run(s, until=2, log=lambda m: None)
+    distill.end_phase(s, log=lambda m: None)  # stage 1 done: round 1 goes 8 -> 2 steps
+    assert s.phase == 1
+    from animate_cli.student import load_student
+
+    phase0, _ = load_student(tmp_path / "work" / "phase-0", torch.float32, torch.device("cpu"))
+    if round_target == "teacher":  # the original UNet, not the stage-1 student
+        assert s.teacher is s.base_unet  # no guidance embedding: two passes per step
+        assert not any(n.startswith("add_embedding.mlp.") for n, _ in s.teacher.named_parameters())
+    base = distill.grid(c, s.scheduler_config, 8)
+    student_grid = distill.grid(c, s.scheduler_config, 2)
+    batch = distill.draw_batch(c, s.data, student_grid, 7, s.device, phase=1)
+    batch.k = torch.arange(len(batch.k)) % 2  # both of the student's steps, the last one ending at sigma 0
+    batch.sigma = student_grid[batch.k].float()
+    x0 = distill.x0_from_v(batch.z, batch.sigma, distill.stage2_target(s, batch))
+    one = x0 + (student_grid[batch.k + 1] / batch.sigma).view(-1, 1, 1, 1, 1) * (batch.z - x0)
+
+    def x0_of(x, a):  # what the round's target model predicts, computed here without stage2_target
+        if round_target == "teacher":
+            return distill.x0_from_v(x, a, distill.guided_teacher_v(s.base_unet, batch, x, a, c.min_guidance,
+                                                                       torch.float32))
+        return distill.x0_from_v(x, a, distill.student_v(phase0, batch, x, a, torch.float32))
+
+    x = batch.z
+    with torch.no_grad():
+        for j in range(4):  # four Euler steps on the 8-step grid from each video's own grid point
+            a, b = base[4 * batch.k + j], base[4 * batch.k + j + 1]
+            d = x0_of(x, a)
+            x = d + (b / a).view(-1, 1, 1, 1, 1) * (x - d)
+    assert torch.allclose(one, x, atol=1e-4 * (1 + x.abs().max().item()))
+    # and it trains: the round's loss is finite and the student moves
+    before = [p.detach().clone() for p in s.student.parameters()]
+    assert math.isfinite(distill.train_step(s))
+    assert any(not torch.equal(a, p) for a, p in zip(before, s.student.parameters(), strict=True))
+
+
+def test_a_teacher_target_round_resumes_with_the_original_teacher(images, tmp_path):
+    options = dict(OPTIONS, round_target="teacher")
+    work = tmp_path / "work"
+    s = distill.open_session(options, images, work, torch.device("cpu"))
+    distill.run(s, until=3, log=lambda m: None)  # stage 1 (2 steps), then 1 of round 1
+    resumed = distill.open_session(options, images, work, torch.device("cpu"))
+    assert (resumed.phase, resumed.step) == (1, 1) and resumed.teacher is resumed.base_unet
+    assert distill.train_step(resumed) == distill.train_step(s)
+    with pytest.raises(AnimateError, match="round_target|round-target"):
+        distill.open_session(dict(options, round_target="previous"), images, work, torch.device("cpu"))
+    distill.run(s, log=lambda m: None)
+    meta = json.loads((work / "phase-1" / "student.json").read_text())
+    assert (meta["distillation"]["round_target"], meta["distillation"]["step_factor"]) == ("teacher", 2)
+
+
 def test_checkpoint_resumes_to_the_same_state(images, tmp_path):
     work = tmp_path / "work"
     s = distill.open_session(OPTIONS, images, work, torch.device("cpu"))
@@ -594,6 +651,8 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"match_steps": 2, "data": "stills"}, "--match-steps needs --data teacher"),
     ({"match_lr": 0.0}, "--match-lr must be positive"),
     ({"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
+    ({"step_factor": 1}, "--step-factor must be at least 2"),
+    ({"round_target": "student"}, "--round-target 'student': choose previous or teacher"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):
@@ -613,6 +672,9 @@ def test_sigma_sampling_defaults_to_lognormal_in_stage1_but_older_runs_resume_as
     del saved["sigma_sampling"]  # saved before either option: every phase drew evenly
     old = distill.DistillConfig.from_dict(saved)
     assert (old.sigma_sampling, old.round_sigma_sampling) == ("uniform", "uniform")
+    del saved["step_factor"], saved["round_target"]  # saved before these options: rounds halved, from the student
+    old = distill.DistillConfig.from_dict(saved)
+    assert (old.step_factor, old.round_target) == (2, "previous")
 
 
 def test_lognormal_sigma_sampling_favours_the_middle_of_the_grid_and_keeps_every_point():

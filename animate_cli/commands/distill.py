@@ -23,9 +23,17 @@ def distill(
     stage1_steps: Annotated[int | None, typer.Option(
         "--stage1-steps", min=0, help="Optimizer steps of stage 1 (guidance distillation) [2000].")] = None,
     round_steps: Annotated[int | None, typer.Option(
-        "--round-steps", min=0, help="Optimizer steps of each step-halving round [2000].")] = None,
+        "--round-steps", min=0, help="Optimizer steps of each step-reducing round [2000].")] = None,
     rounds: Annotated[int | None, typer.Option(
-        "--rounds", min=0, help="Step-halving rounds: the student starts at final-steps x 2^rounds [2].")] = None,
+        "--rounds", min=0, help="Step-reducing rounds, each dividing the steps by --step-factor: the student "
+        "starts at final-steps x step-factor^rounds [2].")] = None,
+    step_factor: Annotated[int | None, typer.Option(
+        "--step-factor", min=2, help="Steps each round folds into one: the student starts at final-steps x "
+        "step-factor^rounds [2].")] = None,
+    round_target: Annotated[str | None, typer.Option(
+        "--round-target", help="Where each round's targets come from: 'previous' (step-factor steps of the "
+        "previous phase's student) or 'teacher' (the original teacher's guided steps over the same span: no "
+        "stage-1 error in the target, two passes per step) \\[previous].")] = None,
     final_steps: Annotated[int | None, typer.Option(
         "--final-steps", min=1, help="Sampling steps of the final student [8].")] = None,
     match_steps: Annotated[int | None, typer.Option(
@@ -86,7 +94,8 @@ def distill(
     from animate_cli.runner import resolve_device
 
     given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
-                 final_steps=final_steps, match_steps=match_steps, match_lr=match_lr, lr=lr,
+                 step_factor=step_factor, round_target=round_target, final_steps=final_steps,
+                 match_steps=match_steps, match_lr=match_lr, lr=lr,
                  batch_size=batch_size, frames=frames, seed=seed, data=data,
                  samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
                  guidance_range=tuple(guidance_range) if guidance_range is not None else None,
