@@ -6,13 +6,14 @@ Phases, one resumable run (WORKDIR/checkpoint.safetensors):
       guidance embedding of the video's w, or optionally of each frame's scale) learns, in ONE pass, the
       teacher's classifier-free-guided output (two passes, uncond + cond, combined with SVD's per-frame scales
       rising linearly from min_guidance on the first frame to w = max_guidance on the last), w ~ U(guidance_range)
-      per video, at sigmas of the BASE grid (final_steps * 2**rounds steps, e.g. 32), drawn most often where the
-      student's errors move the final video most (sigma_sampling = "lognormal", see sigma_probabilities) or
+      per video, at sigmas of the BASE grid (final_steps * step_factor**rounds steps, e.g. 32), drawn most often
+      where the student's errors move the final video most (sigma_sampling = "lognormal", see sigma_probabilities) or
       evenly ("uniform").
-  phase r = 1..rounds, stage 2 (progressive step distillation): the student on a grid of half the steps learns
-      to land, with one DDIM step (= Euler on the EDM probability-flow ODE: x' = x0 + (s'/s) (x - x0)), where two
-      DDIM steps of the previous phase's student (frozen, loaded from WORKDIR/phase-{r-1}) land: the target x0 is
-      (z'' - (s_next/s) z) / (1 - s_next/s)  (z'' when s_next = 0). 32 -> 16 -> 8 steps with rounds = 2.
+  phase r = 1..rounds, stage 2 (progressive step distillation): the student on a grid of 1/step_factor the steps learns
+      to land, with one DDIM step (= Euler on the EDM probability-flow ODE: x' = x0 + (s'/s) (x - x0)), where
+      step_factor (by default two) DDIM steps of the previous phase's student (frozen, loaded from
+      WORKDIR/phase-{r-1}) land: the target x0 is (z'' - (s_next/s) z) / (1 - s_next/s)  (z'' when s_next = 0).
+      32 -> 16 -> 8 steps with rounds = 2.
       Their sigmas come evenly from their own grids (round_sigma_sampling = "uniform"), or as stage 1 draws.
       step_factor (default 2) is how many steps each round folds into one: rounds = 1, step_factor = 4 goes
       32 -> 8 in one round. round_target = "teacher" takes each target from the original teacher instead, guided
@@ -24,7 +25,7 @@ Phases, one resumable run (WORKDIR/checkpoint.safetensors):
       Models": the student's output against the teacher's, from the same noise), backpropagating through all of
       its sampling steps. Stages 1 and 2 each match one step of a chain; this matches the end of the chain, which
       is what a user sees, and corrects the errors the earlier stages leave and compound.
-Every grid is the base grid subsampled (base[::2**r]), so the grids nest exactly and the final sampler is the
+Every grid is the base grid subsampled (base[::step_factor**r]), so the grids nest exactly and the final sampler is the
 stock "euler" sampler over the explicit sigmas written to student.json.
 
 Loss: the x0 error with EDM weighting lambda(s) = (s^2 + 1) / s^2 (sigma_data = 1), computed as its equal, the
@@ -45,7 +46,7 @@ On a 2-core CPU with bf16 instructions a tiny-motion stage-1 step at batch 16 to
 "fp32" never autocasts.
 
 Learning rate: AdamW, annealed linearly to zero within each phase (lr_schedule = "linear", as Salimans & Ho do
-for each halving round) or constant; stage 3 starts from match_lr (default lr).
+for each step-reducing round) or constant; stage 3 starts from match_lr (default lr).
 
 Every step's images, w, sigmas and noise come from a generator seeded by (seed, global step), so a resumed run
 continues exactly as an uninterrupted one; torch's RNG states are also saved.
@@ -112,7 +113,7 @@ class DistillConfig:
     sigma_sampling: str = "lognormal"  # which grid points train: "lognormal" in log sigma, or "uniform" over the grid
     sigma_log_mean: float = 0.7  # lognormal: mean and spread of log sigma (0.7: sigma about 2)
     sigma_log_std: float = 1.3
-    round_sigma_sampling: str = "uniform"  # the same for the halving rounds' grids
+    round_sigma_sampling: str = "uniform"  # the same for the step-reducing rounds' grids
     match_steps: int = 0  # stage 3: optimizer steps matching the teacher's samples end to end (0: no stage 3)
     match_lr: float | None = None  # stage 3's learning rate (None: lr)
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; "bf16" (autocast anywhere); "fp32"
@@ -562,7 +563,7 @@ class Session:
     device: torch.device
     data: Data
     scheduler_config: dict
-    base_unet: torch.nn.Module | None  # the original teacher (phase 0)
+    base_unet: torch.nn.Module | None  # the original teacher (phase 0; every round with round_target teacher)
     student: torch.nn.Module
     teacher: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
@@ -593,7 +594,7 @@ def phase_name(c: DistillConfig, phase: int) -> str:
         return f"stage 1: guidance, {c.student_steps(0)} steps"
     if c.is_match(phase):
         return f"stage 3: {c.final_steps} steps matching the teacher's {c.base_steps}-step samples"
-    to = " (the teacher's steps)" if c.round_target == "teacher" else ""
+    to = " (targets from the teacher)" if c.round_target == "teacher" else ""
     return f"stage 2 round {phase}/{c.rounds}: {c.student_steps(phase - 1)} -> {c.student_steps(phase)} steps{to}"
 
 

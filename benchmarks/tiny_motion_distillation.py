@@ -8,8 +8,8 @@ teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-
 STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32. The stills are the
 first frames of N clips of animate_cli.clips' training stream (index 100000 + i, past what training used).
 --stage1 WORKDIR/phase-0 (the same run's stage-1 student) adds "stages": how much of the student's distance
-comes from folding guidance into one pass and how much from the halving rounds. --before WORKDIR/phase-2 (the
-same run's student before stage 3) adds "before_match": what stage 3 changed.
+comes from folding guidance into one pass and how much from the step-reducing rounds. --before WORKDIR/phase-R
+(R = the run's --rounds: the same run's student before stage 3) adds "before_match": what stage 3 changed.
 """
 
 import argparse
@@ -56,6 +56,10 @@ def main() -> None:
         return model
 
     student, stage1, before = (with_student(f) for f in (args.student, args.stage1, args.before))
+    for model, phase, flag in ((stage1, lambda d: 0, "--stage1"), (before, lambda d: d["rounds"], "--before")):
+        made = (model.extras["student"].get("distillation") or {}) if model is not None else None
+        if made and made.get("phase") != phase(made):
+            parser.error(f"{flag}: that student is from phase {made.get('phase')} of its run, not {phase(made)}")
     start = time.perf_counter()
     report = quality.distillation_report(teacher, student, n=args.clips, max_guidance=args.max_guidance,
                                          stage1=stage1, before_match=before)

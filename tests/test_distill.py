@@ -321,25 +321,34 @@ def test_stage2_target_is_where_two_teacher_steps_land(images, tmp_path):
     assert torch.allclose(one, two, atol=1e-4 * (1 + two.abs().max().item()))
 
 
-@pytest.mark.parametrize("round_target", ["previous", "teacher"])
-def test_a_round_folds_step_factor_steps_of_its_target_model_into_one(images, tmp_path, round_target):
-    options = dict(OPTIONS, step_factor=4, round_target=round_target)
-    s = distill.open_session(options, images, tmp_path / "work", torch.device("cpu"))
-    c = s.config
-    assert (c.base_steps, c.student_steps(0), c.student_steps(1)) == (8, 8, 2)
-    distill.run(s, until=2, log=lambda m: None)
-    distill.end_phase(s, log=lambda m: None)  # stage 1 done: round 1 goes 8 -> 2 steps
-    assert s.phase == 1
+@pytest.mark.parametrize(("round_target", "rounds", "factor", "final"), [
+    ("previous", 1, 4, 2),  # 8 -> 2 steps: 4 steps of the stage-1 student per student step
+    ("teacher", 1, 4, 2),  # 8 -> 2: 4 guided steps of the original teacher
+    ("teacher", 2, 2, 1),  # 4 -> 2 -> 1: round 2's one step spans all 4 of the teacher's
+])
+def test_a_round_folds_its_span_of_its_target_models_steps_into_one(images, tmp_path, round_target, rounds, factor,
+                                                                     final):
     from animate_cli.student import load_student
 
-    phase0, _ = load_student(tmp_path / "work" / "phase-0", torch.float32, torch.device("cpu"))
+    options = dict(OPTIONS, step_factor=factor, round_target=round_target, rounds=rounds, final_steps=final,
+                   batch_size=2)
+    s = distill.open_session(options, images, tmp_path / "work", torch.device("cpu"))
+    c = s.config
+    assert c.base_steps == final * factor**rounds and c.student_steps(rounds) == final
+    for _ in range(rounds):  # to the last round, each earlier phase cut short
+        distill.end_phase(s, log=lambda m: None)
+    assert s.phase == rounds
     if round_target == "teacher":  # the original UNet, not the stage-1 student
         assert s.teacher is s.base_unet  # no guidance embedding: two passes per step
         assert not any(n.startswith("add_embedding.mlp.") for n, _ in s.teacher.named_parameters())
-    base = distill.grid(c, s.scheduler_config, 8)
-    student_grid = distill.grid(c, s.scheduler_config, 2)
-    batch = distill.draw_batch(c, s.data, student_grid, 7, s.device, phase=1)
-    batch.k = torch.arange(len(batch.k)) % 2  # both of the student's steps, the last one ending at sigma 0
+    previous, _ = load_student(tmp_path / "work" / f"phase-{rounds - 1}", torch.float32, torch.device("cpu"))
+    fine_steps = c.base_steps if round_target == "teacher" else c.student_steps(rounds - 1)
+    fine = distill.grid(c, s.scheduler_config, fine_steps)
+    span = (len(fine) - 1) // final
+    student_grid = distill.grid(c, s.scheduler_config, final)
+    batch = distill.draw_batch(c, s.data, student_grid, 7, s.device, phase=rounds)
+    batch.k = torch.arange(len(batch.k)) % final  # every one of the student's steps, the last ending at sigma 0
+    batch.k[-1] = final - 1
     batch.sigma = student_grid[batch.k].float()
     x0 = distill.x0_from_v(batch.z, batch.sigma, distill.stage2_target(s, batch))
     one = x0 + (student_grid[batch.k + 1] / batch.sigma).view(-1, 1, 1, 1, 1) * (batch.z - x0)
@@ -348,12 +357,12 @@ def test_a_round_folds_step_factor_steps_of_its_target_model_into_one(images, tm
         if round_target == "teacher":
             return distill.x0_from_v(x, a, distill.guided_teacher_v(s.base_unet, batch, x, a, c.min_guidance,
                                                                        torch.float32))
-        return distill.x0_from_v(x, a, distill.student_v(phase0, batch, x, a, torch.float32))
+        return distill.x0_from_v(x, a, distill.student_v(previous, batch, x, a, torch.float32))
 
     x = batch.z
     with torch.no_grad():
-        for j in range(4):  # four Euler steps on the 8-step grid from each video's own grid point
-            a, b = base[4 * batch.k + j], base[4 * batch.k + j + 1]
+        for j in range(span):  # Euler steps on the finer grid from each video's own grid point
+            a, b = fine[span * batch.k + j], fine[span * batch.k + j + 1]
             d = x0_of(x, a)
             x = d + (b / a).view(-1, 1, 1, 1, 1) * (x - d)
     assert torch.allclose(one, x, atol=1e-4 * (1 + x.abs().max().item()))
@@ -376,6 +385,8 @@ def test_a_teacher_target_round_resumes_with_the_original_teacher(images, tmp_pa
     distill.run(s, log=lambda m: None)
     meta = json.loads((work / "phase-1" / "student.json").read_text())
     assert (meta["distillation"]["round_target"], meta["distillation"]["step_factor"]) == ("teacher", 2)
+    more = distill.open_session(dict(options, match_steps=1), images, work, torch.device("cpu"))  # on to stage 3
+    assert more.config.is_match(more.phase) and more.teacher is None and more.base_unet is None
 
 
 def test_checkpoint_resumes_to_the_same_state(images, tmp_path):

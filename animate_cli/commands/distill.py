@@ -64,7 +64,7 @@ def distill(
         "--sigma-log-mean/--sigma-log-std, with a tenth spread evenly) or 'uniform' over the grid \\[lognormal].")]
     = None,
     round_sigma_sampling: Annotated[str | None, typer.Option(
-        "--round-sigma-sampling", help="The same for the halving rounds' grids \\[uniform].")] = None,
+        "--round-sigma-sampling", help="The same for the step-reducing rounds' grids \\[uniform].")] = None,
     sigma_log_mean: Annotated[float | None, typer.Option(
         "--sigma-log-mean", help="Centre of the lognormal sigma sampling, in log sigma [0.7].")] = None,
     sigma_log_std: Annotated[float | None, typer.Option(
@@ -84,8 +84,9 @@ def distill(
     log_every: Annotated[int, typer.Option("--log-every", min=1)] = 10,
 ) -> None:
     """Distil the model into a guidance-conditioned student that samples in one UNet pass per step and few steps
-    (Meng et al. 2023): stage 1 learns classifier-free guidance, then each round halves the steps (32 -> 16 -> 8);
-    an optional stage 3 (--match-steps) fits the final student's videos to the teacher's, end to end.
+    (Meng et al. 2023): stage 1 learns classifier-free guidance, then each round divides the steps by --step-factor
+    (2: 32 -> 16 -> 8); an optional stage 3 (--match-steps) fits the final student's videos to the teacher's, end
+    to end.
 
     Resumes from WORKDIR/checkpoint.safetensors. Writes WORKDIR/phase-N/ after each phase, and the final student
     (diffusers layout, safetensors) to --out.
@@ -126,7 +127,7 @@ def distill(
         c = session.config
         log(f"{'resumed at step ' + str(session.global_step) if session.global_step else 'new run'}: {c.model}, "
             f"{len(session.data.names)} images at {c.width}x{c.height}, {c.frames} frames, {torch_device}; "
-            f"{c.base_steps} -> {c.final_steps} steps in {c.rounds} rounds"
+            f"{c.base_steps} -> {c.final_steps} steps in {c.rounds} round{'' if c.rounds == 1 else 's'}"
             f"{f', then {c.match_steps} matching steps' if c.match_steps else ''}; data: {c.data}")
         d.run(session, checkpoint_every=checkpoint_every, log_every=log_every, log=log, progress=progress,
               step_lines=progress is None)
