@@ -15,10 +15,10 @@ Phases, one resumable run (WORKDIR/checkpoint.safetensors):
       WORKDIR/phase-{r-1}) land: the target x0 is (z'' - (s_next/s) z) / (1 - s_next/s)  (z'' when s_next = 0).
       32 -> 16 -> 8 steps with rounds = 2.
       Their sigmas come evenly from their own grids (round_sigma_sampling = "uniform"), or as stage 1 draws.
-      step_factor (default 2) is how many steps each round folds into one: rounds = 1, step_factor = 4 goes
-      32 -> 8 in one round. round_target = "teacher" takes each target from the original teacher instead, guided
-      (two passes per step), over every base-grid step the student's step spans (2 then 4 with the defaults): the
-      target then carries none of stage 1's error, at twice the passes per target step.
+      With rounds = 1, step_factor = 4, one round goes 32 -> 8. round_target = "teacher" takes each target from
+      the original teacher instead, guided (two passes per step), over every base-grid step the student's step
+      spans (2 then 4 with the defaults): the target then carries none of stage 1's error, at twice the passes per
+      target step.
   phase rounds + 1, stage 3 (optional, match_steps > 0; data = "teacher"): the final student samples from each
       teacher sample's own initial noise, with its own few steps, and learns to land where the teacher's
       32-step guided sample landed (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative
