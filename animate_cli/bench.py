@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from animate_cli.errors import AnimateError
-from animate_cli.media import fit_image, resolve_size, write_video
+from animate_cli.media import VideoStream, fit_image, resolve_size, write_video
 from animate_cli.metrics import drift
 from animate_cli.models import Model
 from animate_cli.pipeline import Settings, generate
@@ -124,13 +124,19 @@ class Bench:
             torch.cuda.reset_peak_memory_stats(self.device)
         with timer.stage("preprocess"):
             settings, fitted = self.settings(preset, model)
+        output = self.out_dir / f"row{self.rows.index(row)}.mp4"
         if row.peer is None:
-            frames = generate(model, [fitted], [self.seed], settings, timer)[0]
-        else:
+            # As `animate` writes: encoding each chunk of frames as it is decoded, "write" being what is left.
+            with VideoStream(output, "mp4", settings.fps, 70, (settings.width, settings.height)) as stream:
+                frames = generate(model, [fitted], [self.seed], settings, timer,
+                                  sink=lambda _, chunk: stream.append(chunk))[0]
+                with timer.stage("write"):
+                    stream.close()
+        else:  # diffusers' pipeline hands back the whole video, written after it
             frames = run_diffusers(model, fitted, self.seed, settings, timer)
-        with timer.stage("write"):
-            frames = frames.cpu()  # kept for drift against the other rows, which may live on another device
-            write_video(frames, self.out_dir / f"row{self.rows.index(row)}.mp4", "mp4", settings.fps, 70)
+            with timer.stage("write"):
+                write_video(frames, output, "mp4", settings.fps, 70)
+        frames = frames.cpu()  # kept for drift against the other rows, which may live on another device
         peak = None
         if self.device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated(self.device) - before + weight_bytes(model)) / 2**30

@@ -673,7 +673,7 @@ def load_teacher(s: Session) -> None:
 
 
 PER_PHASE = ("stage1_steps", "round_steps", "match_steps", "match_lr")  # may change for phases not yet finished
-ANY_TIME = ("precision",)  # how the arithmetic runs, not what is learned: may change on any resume
+ANY_TIME = ("precision", "gradient_checkpointing")  # how it runs, not what is learned: may change on any resume
 
 
 def merge_config(saved: DistillConfig, options: dict, phase: int) -> DistillConfig:

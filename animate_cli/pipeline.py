@@ -6,7 +6,6 @@ Shapes: B videos, F frames, C=4 latent channels, h x w latent size (pixels / vae
 
 import functools
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +16,7 @@ from animate_cli.errors import AnimateError
 from animate_cli.models import Model
 from animate_cli.sampling import SAMPLERS, SCHEDULES, nested_karras_sigmas, svd_preconditioning
 from animate_cli.student import is_student, make_student_denoiser
-from animate_cli.timing import StageTimer, synchronize
+from animate_cli.timing import StageTimer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -188,7 +187,9 @@ def denoise(model: Model, cond: Conditioning, settings: Settings, generators, ti
     sampler = SAMPLERS[settings.sampler]
     if settings.sampler == "animatelcm":  # stochastic: fresh noise per step from each video's own generator
         sampler = functools.partial(sampler, generator=generators)
-    return sampler(model_fn, x, sigmas, callback=clock)
+    x = sampler(model_fn, x, sigmas, callback=clock)
+    clock.close()
+    return x
 
 
 def init_noise_scale(scheduler_config: dict, sigma_max: float) -> float:
@@ -200,38 +201,45 @@ def init_noise_scale(scheduler_config: dict, sigma_max: float) -> float:
 
 
 class StepClock:
-    """Sampler callback: times each step (device synchronised) and reports progress."""
+    """Sampler callback: marks each step's end on the timer (a CUDA event on a GPU: no synchronisation, so the
+    next step is queued while this one runs) and reports progress."""
 
     def __init__(self, timer: StageTimer | None, on_step):
         self.timer, self.on_step = timer, on_step
-        self.last = self.now()
-
-    def now(self) -> float:
-        if self.timer is not None:
-            synchronize(self.timer.device)
-        return time.perf_counter()
+        if timer is not None:
+            timer.mark_step()
 
     def __call__(self, info: dict) -> None:
         if self.timer is not None:
-            now = self.now()
-            self.timer.step_times.append(now - self.last)
-            self.last = now
+            self.timer.mark_step()
         if self.on_step is not None:
             self.on_step(info["i"])
 
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.end_steps()
+
 
 # 4. Decode: latents -> frames
-def decode(model: Model, latents: torch.Tensor, chunk: int) -> torch.Tensor:
-    """uint8 frames [B, F, H, W, 3], decoded `chunk` frames per VAE call."""
-    b, f = latents.shape[:2]
-    flat = (latents.flatten(0, 1) / model.vae.config.scaling_factor).to(model.vae.dtype)
-    pieces = []
-    for start in range(0, flat.shape[0], chunk):
-        piece = flat[start : start + chunk]
-        pieces.append(model.vae.decode(piece, num_frames=piece.shape[0]).sample)
-    frames = torch.cat(pieces).float()  # [B*F, 3, H, W] in [-1, 1]
-    frames = ((frames / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return frames.view(b, f, *frames.shape[1:]).permute(0, 1, 3, 4, 2).contiguous()
+def decode(model: Model, latents: torch.Tensor, chunk: int, sink=None) -> torch.Tensor:
+    """uint8 frames [B, F, H, W, 3], each video decoded `chunk` frames per VAE call (a chunk never spans two
+    videos: the temporal decoder mixes the frames of a call). With `sink`, each chunk of one video goes to
+    sink(video index, uint8 numpy [f, H, W, 3]) as soon as it is decoded, so the caller can encode it while the
+    next chunk decodes; the frames then come back on the CPU."""
+    videos = []
+    for b, video in enumerate(latents):
+        flat = (video / model.vae.config.scaling_factor).to(model.vae.dtype)
+        pieces = []
+        for start in range(0, flat.shape[0], chunk):
+            piece = flat[start : start + chunk]
+            pixels = model.vae.decode(piece, num_frames=piece.shape[0]).sample.float()  # [f, 3, H, W] in [-1, 1]
+            piece = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+            if sink is not None:
+                piece = piece.cpu()
+                sink(b, piece.numpy())
+            pieces.append(piece)
+        videos.append(torch.cat(pieces))
+    return torch.stack(videos)
 
 
 def warm_up(model: Model, cond: Conditioning, settings: Settings, timer: StageTimer) -> None:
@@ -257,8 +265,8 @@ def warm_up(model: Model, cond: Conditioning, settings: Settings, timer: StageTi
 
 
 def generate(model: Model, images: list[Image.Image], seeds: list[int], settings: Settings,
-             timer: StageTimer, on_step=None) -> torch.Tensor:
-    """Images already at the output size -> uint8 frames [B, F, H, W, 3]."""
+             timer: StageTimer, on_step=None, sink=None) -> torch.Tensor:
+    """Images already at the output size -> uint8 frames [B, F, H, W, 3]; `sink`: see decode."""
     generators = make_generators(seeds, model.device)
     with torch.inference_mode():
         with timer.stage("preprocess"):
@@ -269,5 +277,5 @@ def generate(model: Model, images: list[Image.Image], seeds: list[int], settings
         with timer.stage("denoise"):
             latents = denoise(model, cond, settings, generators, timer, on_step)
         with timer.stage("decode"):
-            return decode(model, latents, settings.decode_chunk)
+            return decode(model, latents, settings.decode_chunk, sink)
 

@@ -122,7 +122,11 @@ def test_rows_keep_their_frames_on_the_cpu(tmp_path, monkeypatch):
         def cpu(self):
             return cpu_frames
 
-    monkeypatch.setattr(b, "generate", lambda *args, **kwargs: [OnAnotherDevice()])
+    def generate(*args, sink, **kwargs):
+        sink(0, cpu_frames.numpy())  # the frames, chunk by chunk, to the video being written
+        return [OnAnotherDevice()]
+
+    monkeypatch.setattr(b, "generate", generate)
     rows = b.plan_rows(["fp32"], False, None, "bfloat16", {"frames": 2, "steps": 1})
     picture = load_image(Path(__file__).parent.parent / "examples" / "shapes.png")
     bench = b.Bench("random:tiny", torch.device("cpu"), picture, 0, "32x32", "crop", rows, tmp_path)

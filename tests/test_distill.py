@@ -600,6 +600,18 @@ def test_precision_sets_the_autocast_and_may_change_on_resume(images, tmp_path):
         distill.open_session(dict(OPTIONS, stage1_steps=4, lr=0.5), images, work, torch.device("cpu"))
 
 
+def test_gradient_checkpointing_is_an_option_that_may_change_on_resume(images, tmp_path):
+    work = tmp_path / "work"
+    s = distill.open_session(dict(OPTIONS, stage1_steps=4), images, work, torch.device("cpu"))
+    assert not s.student.is_gradient_checkpointing  # default: on for CUDA only
+    distill.run(s, until=2, log=lambda m: None)
+    s = distill.open_session(dict(OPTIONS, stage1_steps=4, gradient_checkpointing=True), images, work,
+                             torch.device("cpu"))
+    assert s.student.is_gradient_checkpointing and s.global_step == 2
+    distill.run(s, until=3, log=lambda m: None)
+    assert s.global_step == 3 and math.isfinite(s.last_loss)
+
+
 def test_stills_data_uses_each_still_on_every_frame(images, tmp_path):
     s = distill.open_session(dict(OPTIONS, data="stills"), images, tmp_path / "work", torch.device("cpu"))
     assert s.data.videos is None and not (tmp_path / "work" / distill.SAMPLES_FILE).exists()

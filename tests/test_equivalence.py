@@ -115,3 +115,34 @@ def test_batch_of_one_image_twice_with_one_seed(model, reference):
     image = picture()
     batch = ours(model, [image, image], [9, 9], reference)
     assert_frames_close(batch[0], batch[1])
+
+
+def test_decode_chunks_never_span_two_videos(model, reference):
+    """The temporal decoder mixes the frames of one call: with 3 frames in chunks of 2, a batch of two still
+    gives each video as alone (a chunk holding video a's last frame and video b's first would not)."""
+    settings = dataclasses.replace(reference, frames=3, decode_chunk=2)
+    images, seeds = [picture(1), picture(2)], [101, 202]
+    batch = ours(model, images, seeds, settings)
+    for i in range(2):
+        assert_frames_close(batch[i], ours(model, [images[i]], [seeds[i]], settings)[0])
+
+
+def test_decode_hands_each_chunk_to_the_sink_before_decoding_the_next(model, reference, monkeypatch):
+    """So the caller encodes one chunk while the next decodes; the chunks make up the returned frames."""
+    settings = dataclasses.replace(reference, frames=5, decode_chunk=2)
+    events, real = [], model.vae.decode
+
+    def vae_decode(z, *args, **kwargs):
+        events.append(("decode", len(z)))
+        return real(z, *args, **kwargs)
+
+    def sink(video, frames):
+        assert isinstance(frames, np.ndarray) and frames.dtype == np.uint8
+        events.append(("sink", video, frames.copy()))
+
+    monkeypatch.setattr(model.vae, "decode", vae_decode)
+    frames = generate(model, [picture(3)], [5], settings, StageTimer(CPU), sink=sink)
+    assert [e[:2] for e in events] == [("decode", 2), ("sink", 0), ("decode", 2), ("sink", 0), ("decode", 1),
+                                       ("sink", 0)]
+    assert np.array_equal(np.concatenate([e[2] for e in events if e[0] == "sink"]), frames[0].numpy())
+    assert np.array_equal(frames.numpy(), ours(model, [picture(3)], [5], settings))

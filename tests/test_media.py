@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import imageio.v2 as imageio
 import imageio_ffmpeg
@@ -297,26 +298,29 @@ def nearest_frames(decoded, reference) -> list[int]:
 
 @pytest.fixture
 def captured(monkeypatch):
-    """The uint8 frames [F, H, W, 3] the command hands to write_video, recorded."""
-    frames = []
-    real = media.write_video
+    """The uint8 frames [F, H, W, 3] of each video the command writes, as handed to media.VideoStream."""
+    videos, chunks = [], []
+    real_append, real_close = media.VideoStream.append, media.VideoStream.close
 
-    def recording(array, *args, **kwargs):
-        frames.append(array.clone())
-        return real(array, *args, **kwargs)
+    def append(self, frames):
+        chunks.append(np.array(frames))
+        return real_append(self, frames)
 
-    monkeypatch.setattr(media, "write_video", recording)
-    import animate_cli.commands.animate as command
+    def close(self):
+        videos.append(torch.from_numpy(np.concatenate(chunks)))
+        chunks.clear()
+        return real_close(self)
 
-    monkeypatch.setattr(command, "write_video", recording, raising=False)
-    return frames
+    monkeypatch.setattr(media.VideoStream, "append", append)
+    monkeypatch.setattr(media.VideoStream, "close", close)
+    return videos
 
 
 def run_format(cli, make_image, tmp_path, captured, name, *extra):
     out = tmp_path / name
     result = cli(make_image("photo.png"), "-o", out, *FAST, "--seed", "11", *extra)
     assert result.exit_code == 0, result.stderr
-    assert len(captured) == 1, "write_video was not called through animate_cli.media"
+    assert len(captured) == 1, "the video was not written through animate_cli.media.VideoStream"
     frames = captured[0].numpy()
     assert frames.shape == (4, 32, 64, 3) and frames.dtype == np.uint8
     assert leftovers(tmp_path, {"photo.png", name}) == []
@@ -498,3 +502,102 @@ def test_mp4_is_x264_veryfast_at_the_quality_crf(tmp_path):
     data = (tmp_path / "a.mp4").read_bytes()
     settings = data[data.index(b"x264 - core"):].split(b"\x00")[0].decode()
     assert " subme=2 " in settings and " ref=1 " in settings and " crf=15.0 " in settings
+
+
+# Streaming: frames encoded as they are decoded
+
+
+def read_back(path: Path) -> np.ndarray:
+    with imageio.get_reader(path, format="FFMPEG") as reader:
+        return np.stack([np.asarray(f) for f in reader])
+
+
+def test_stream_in_chunks_writes_the_same_mp4_as_the_whole_video(tmp_path):
+    frames = noise_frames(frames=7).numpy()
+    write_video(torch.from_numpy(frames), tmp_path / "whole.mp4", "mp4", 7, 70)
+    with media.VideoStream(tmp_path / "chunks.mp4", "mp4", 7, 70, (33, 17)) as stream:
+        for start in (0, 3, 6):  # chunks of 3, 3 and 1 frames, odd size cropped to even as a whole write does
+            stream.append(frames[start : start + 3])
+        stream.close()
+    assert leftovers(tmp_path, {"whole.mp4", "chunks.mp4"}) == []
+    whole, chunks = read_back(tmp_path / "whole.mp4"), read_back(tmp_path / "chunks.mp4")
+    assert chunks.shape == (7, 16, 32, 3)
+    assert np.array_equal(whole, chunks)
+
+
+def test_stream_starts_the_encoder_before_the_first_frame(tmp_path, monkeypatch):
+    """With the size known, ffmpeg starts when the stream opens (during the denoising), not at the first frame."""
+    import threading
+
+    started, real = threading.Event(), imageio_ffmpeg.write_frames
+
+    def write_frames(*args, **kwargs):
+        started.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", write_frames)
+    with media.VideoStream(tmp_path / "o.mp4", "mp4", 7, 70, (33, 17)) as stream:
+        assert started.wait(timeout=30), "ffmpeg did not start before any frame was appended"
+        stream.append(noise_frames().numpy())
+        stream.close()
+    assert imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "o.mp4"))[0] == 3
+
+
+@pytest.mark.parametrize("fmt, name", [("gif", "o.gif"), ("webp", "o.webp"), ("png", "o")])
+def test_stream_other_formats_equal_a_whole_write(tmp_path, fmt, name):
+    frames = noise_frames(frames=4).numpy()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_video(torch.from_numpy(frames), tmp_path / "a" / name, fmt, 7, 70)
+    with media.VideoStream(tmp_path / "b" / name, fmt, 7, 70) as stream:
+        stream.append(frames[:3])
+        stream.append(frames[3:])
+        stream.close()
+    a, b = tmp_path / "a" / name, tmp_path / "b" / name
+    if fmt == "png":
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        assert all((a / p.name).read_bytes() == (b / p.name).read_bytes() for p in a.iterdir())
+    else:
+        assert a.read_bytes() == b.read_bytes()
+    assert leftovers(tmp_path / "b", {name}) == []
+
+
+def test_stream_encoder_failure_reaches_the_caller_and_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"old")
+    real = media.encode_mp4
+
+    def dies(chunks, path, fps, quality, size=None):
+        real([next(iter(chunks))], path, fps, quality, size)  # a real file under the temporary name ...
+        raise OSError("disk full")  # ... then the failure
+
+    monkeypatch.setattr(media, "encode_mp4", dies)
+    with pytest.raises(OSError, match="disk full"):
+        with media.VideoStream(out, "mp4", 7, 70, (33, 17)) as stream:
+            for _ in range(50):  # the failure surfaces at an append or at close, whichever comes after it
+                stream.append(noise_frames().numpy())
+            stream.close()
+    assert leftovers(tmp_path, {"o.mp4"}) == []
+    assert out.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("fmt, name", [("mp4", "o.mp4"), ("gif", "o.gif")])
+def test_stream_left_without_close_stops_the_encoder_and_leaves_nothing(tmp_path, fmt, name):
+    """An error or an interrupt while the frames are still being made: no file, the old output kept."""
+    out = tmp_path / name
+    out.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with media.VideoStream(out, fmt, 7, 70, (33, 17)) as stream:
+            stream.append(noise_frames().numpy())
+            raise KeyboardInterrupt
+    assert not stream._thread.is_alive()
+    assert leftovers(tmp_path, {name}) == []
+    assert out.read_bytes() == b"old"
+
+
+def test_stream_refuses_frames_of_another_size(tmp_path):
+    with pytest.raises(ValueError, match="size"):
+        with media.VideoStream(tmp_path / "o.mp4", "mp4", 7, 70) as stream:
+            stream.append(noise_frames().numpy())
+            stream.append(noise_frames(height=20).numpy())
+    assert leftovers(tmp_path, set()) == []

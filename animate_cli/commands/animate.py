@@ -118,12 +118,15 @@ def animate(
     out.info(f"{image_path} -> {output}: {settings.frames} frames at {width}x{height}, preset {chosen.name}, "
              f"seed {seed}, {torch_device}")
 
-    with step_progress(settings.steps) as on_step:
-        frames_out = generate(loaded, [fitted], [seed], settings, timer, on_step=on_step)
-    with timer.stage("write"):
-        from animate_cli.media import write_video
+    from animate_cli.media import VideoStream
 
-        write_video(frames_out[0], output, fmt, settings.fps, quality)
+    # The video is encoded as each chunk of frames is decoded; "write" is what is left once decoding ends.
+    with VideoStream(output, fmt, settings.fps, quality, (width, height)) as stream:
+        with step_progress(settings.steps) as on_step:
+            generate(loaded, [fitted], [seed], settings, timer, on_step=on_step,
+                     sink=lambda _, frames: stream.append(frames))
+        with timer.stage("write"):
+            stream.close()
 
     peak = report.peak_memory_gib(torch_device)
     out.result(report.stage_table(timer, f"{output} ({fmt}, {settings.frames} frames, seed {seed})", peak))

@@ -72,6 +72,11 @@ def distill(
     precision: Annotated[str | None, typer.Option(
         "--precision", help="'auto' (bf16 autocast on CUDA, float32 elsewhere), 'bf16' (bf16 autocast on any "
         "device: faster on CPUs with bf16 instructions) or 'fp32'; may change on resume \\[auto].")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute the student's activations in the backward pass: less memory, more time (default: on "
+        "CUDA, where memory is short for a large model; off for a small one); may change on resume.",
+        show_default=False)] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
@@ -101,7 +106,8 @@ def distill(
                  samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
                  guidance_range=tuple(guidance_range) if guidance_range is not None else None,
                  sigma_sampling=sigma_sampling, round_sigma_sampling=round_sigma_sampling,
-                 sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std, precision=precision)
+                 sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std, precision=precision,
+                 gradient_checkpointing=gradient_checkpointing)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
