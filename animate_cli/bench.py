@@ -28,6 +28,7 @@ ABLATION = (
     ("fp32", {}),
     ("+bf16", {"dtype": "bfloat16"}),
     ("+attention", {"attention": "project_once"}),
+    ("+time-conv", {"time_conv": "conv2d"}),
     ("+dpm-solver", {"sampler": "dpmpp_2m", "schedule": "log_sigma", "steps": 15}),
     ("+compile", {"compile": True}),
 )
@@ -103,7 +104,7 @@ class Bench:
     models: dict = field(default_factory=dict)
 
     def model_for(self, preset: Preset) -> Model:
-        key = (preset.dtype, preset.attention, preset.compile, preset.student)
+        key = (preset.dtype, preset.attention, preset.time_conv, preset.compile, preset.student)
         if key not in self.models:
             self.models[key] = open_model(self.model_spec, preset, self.device, progress=False,
                                           compile_backend=self.compile_backend)
@@ -116,7 +117,8 @@ class Bench:
     def run(self, row: Row) -> dict:
         """One whole run, image to written MP4. Peak memory counts this row's weights, not the others'."""
         preset = row.preset
-        model = self.model_for(preset if row.peer is None else preset.replace(attention="stock", compile=False))
+        model = self.model_for(preset if row.peer is None else preset.replace(attention="stock", time_conv="conv3d",
+                                                                                       compile=False))
         configure_backends(preset)
         timer = StageTimer(self.device)
         before = memory_allocated(self.device)

@@ -15,6 +15,7 @@ CHOICES = {
     "sampler": ("euler", "dpmpp_2m", "heun", "animatelcm"),
     "schedule": ("karras", "log_sigma", "student", "animatelcm"),
     "attention": ("stock", "project_once"),
+    "time_conv": ("conv3d", "conv2d"),
 }
 # Field -> (low, high) inclusive, for numbers.
 RANGES = {
@@ -46,6 +47,7 @@ class Preset:
     noise_aug: float = 0.02  # noise added to the conditioning image
     decode_chunk: int = 8  # frames per VAE decoder call
     attention: str = "stock"  # "project_once": cross-attention K/V once per video, not once per copy
+    time_conv: str = "conv3d"  # "conv2d": the temporal layers' k x 1 x 1 Conv3d run as 2D convolutions
     compile: bool = False  # torch.compile the UNet and the VAE decoder
     student: str = ""  # "": the model's own UNet; "auto", a student folder, or AnimateLCM .safetensors weights
 

@@ -189,3 +189,45 @@ def test_distilled_preset_without_a_student_says_how_to_get_one(tmp_path):
                                  feature_extractor=m.feature_extractor).save_pretrained(tmp_path / "svd")
     with pytest.raises(AnimateError, match="animate distill"):
         open_model(str(tmp_path / "svd"), load_preset("distilled").replace(compile=False), CPU)
+
+
+def test_time_conv_is_the_conv3d_it_replaces():
+    """A k x 1 x 1 Conv3d as a 2D convolution over (time, height * width): the same sums, the same parameters."""
+    from animate_cli.time_conv import TimeConv
+
+    torch.manual_seed(0)
+    for k, pad, bias in ((3, 1, True), (3, 0, False), (1, 0, True), (5, 2, True)):
+        conv = torch.nn.Conv3d(4, 6, (k, 1, 1), padding=(pad, 0, 0), bias=bias).double()
+        x = torch.randn(2, 4, 7, 3, 5, dtype=torch.float64)
+        fast = TimeConv(conv)
+        assert fast.weight is conv.weight and fast.bias is conv.bias
+        assert torch.allclose(fast(x), conv(x), rtol=0, atol=1e-12)
+        assert fast.state_dict().keys() == conv.state_dict().keys()
+
+
+def test_time_conv_leaves_other_convolutions_alone():
+    from animate_cli.time_conv import TimeConv, apply_time_conv
+
+    block = torch.nn.Sequential(torch.nn.Conv3d(4, 4, (3, 3, 3), padding=1), torch.nn.Conv3d(4, 4, (3, 1, 1)),
+                                torch.nn.Conv3d(4, 4, (3, 1, 1), stride=(2, 1, 1)), torch.nn.Conv2d(4, 4, 1))
+    assert apply_time_conv(block) == 1
+    assert [type(m).__name__ for m in block] == ["Conv3d", "TimeConv", "Conv3d", "Conv2d"]
+    with pytest.raises(ValueError, match="not a time-only convolution"):
+        TimeConv(torch.nn.Conv3d(4, 4, (3, 3, 3)))
+
+
+def test_time_conv_in_the_pipeline_matches_stock():
+    """Every temporal convolution of the UNet and the VAE is replaced; the video is the stock one (float32,
+    up to summation order) and the weights keep their names."""
+    stock = load_model("random:tiny", torch.float32, CPU)
+    fast = load_model("random:tiny", torch.float32, CPU)
+    keys = (fast.unet.state_dict().keys(), fast.vae.state_dict().keys())
+    apply_optimizations(fast, load_preset("fp32").replace(time_conv="conv2d"))
+    conv3d = [m for part in (stock.unet, stock.vae) for m in part.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert fast.extras["time_conv_modules"] == len(conv3d) > 0  # all of SVD's Conv3d are time-only
+    assert not any(isinstance(m, torch.nn.Conv3d) for part in (fast.unet, fast.vae) for m in part.modules())
+    assert (fast.unet.state_dict().keys(), fast.vae.state_dict().keys()) == keys
+    s = settings(frames=3, decode_chunk=3)
+    a = generate(stock, [image(1)], [4], s, StageTimer(CPU))
+    b = generate(fast, [image(1)], [4], s, StageTimer(CPU))
+    assert (a.int() - b.int()).abs().max() <= 1
