@@ -28,7 +28,6 @@ ABLATION = (
     ("fp32", {}),
     ("+bf16", {"dtype": "bfloat16"}),
     ("+attention", {"attention": "project_once"}),
-    ("+time-conv", {"time_conv": "conv2d"}),
     ("+dpm-solver", {"sampler": "dpmpp_2m", "schedule": "log_sigma", "steps": 15}),
     ("+compile", {"compile": True}),
 )

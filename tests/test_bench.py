@@ -86,11 +86,11 @@ def test_ablation_adds_one_switch_at_a_time(cli, tmp_path):
     assert result.exit_code == 0, result.stdout + result.stderr
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
     labels = [r["label"] for r in rows]
-    assert labels == ["fp32", "+bf16", "+attention", "+time-conv", "+dpm-solver", "+compile", "+distillation"]
+    assert labels == ["fp32", "+bf16", "+attention", "+dpm-solver", "+compile", "+distillation"]
     measured = [r for r in rows if r["available"]][:-1]  # the student replaces the UNet: not one switch
     for before, after in zip(measured, measured[1:], strict=False):
         changed = {k for k, v in after["preset"].items() if before["preset"][k] != v} - {"name", "description"}
-        assert changed and changed <= {"dtype", "attention", "time_conv", "sampler", "schedule", "steps", "compile"}
+        assert changed and changed <= {"dtype", "attention", "sampler", "schedule", "steps", "compile"}
     by = rows_by_label({"rows": rows})
     assert by["fp32"]["unet_passes"] == 50 and by["+dpm-solver"]["unet_passes"] == 30
     assert by["+compile"]["compile_s"] is not None  # cold start reported apart from the steady state
