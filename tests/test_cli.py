@@ -406,3 +406,29 @@ def test_os_environment_is_offline():
     assert constants.HF_HUB_OFFLINE
     assert constants.HF_HOME == os.environ["HF_HOME"]
     assert "animate-tests-hf-" in constants.HF_HUB_CACHE
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_failure_after_frames_reached_the_encoder_leaves_no_file(cli, make_image, tmp_path, monkeypatch, error):
+    """The video is written while it decodes: a Ctrl-C or an error after the first chunk went to the encoder
+    stops it and removes its temporary file; an existing output is kept."""
+    import animate_cli.pipeline as pipeline
+
+    real, chunks = pipeline.decode, []
+
+    def decode(model, latents, chunk, sink=None):
+        def first_then_fail(video, frames):
+            sink(video, frames)
+            chunks.append(len(frames))
+            raise error("stopped after the first chunk")
+
+        return real(model, latents, chunk, first_then_fail)
+
+    monkeypatch.setattr(pipeline, "decode", decode)
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"old")
+    result = cli(make_image("photo.png"), "-o", out, *FAST, "--overwrite")
+    assert chunks, "the frames did not reach the encoder through the decode's sink"
+    assert result.exit_code == (130 if error is KeyboardInterrupt else 1), result.stderr
+    assert leftovers(tmp_path, {"photo.png", "o.mp4"}) == []
+    assert out.read_bytes() == b"old"
