@@ -63,7 +63,16 @@ FIELDS = {f.name: f for f in fields(Preset)}
 
 
 def preset_dir():
-    return resources.files("animate_cli.presets")
+    return packaged_folder("presets")
+
+
+def packaged_folder(name: str):
+    """animate_cli.NAME as installed (pyproject maps it from the top-level folder NAME/), or that folder of the
+    source tree when the package runs from a checkout that was not installed (PYTHONPATH=checkout)."""
+    try:
+        return resources.files(f"animate_cli.{name}")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / name
 
 
 def preset_names() -> list[str]:

@@ -23,6 +23,30 @@ def test_shipped_presets():
     assert reference.dtype == "float32" and reference.tf32 is False
 
 
+def test_presets_and_examples_are_found_in_a_checkout_that_was_not_installed(monkeypatch):
+    """PYTHONPATH=checkout: the mapped packages animate_cli.presets and animate_cli.examples do not import; the
+    checkout's presets/ and examples/ folders stand in for them."""
+    from importlib import resources
+
+    from animate_cli import preset
+    from animate_cli.commands.bench import default_image
+
+    installed = {name: resources.files(f"animate_cli.{name}") for name in ("presets", "examples")}
+    real = resources.files
+
+    def files(anchor):
+        if anchor in ("animate_cli.presets", "animate_cli.examples"):
+            raise ModuleNotFoundError(f"No module named {anchor!r}")
+        return real(anchor)
+
+    monkeypatch.setattr(resources, "files", files)
+    assert preset.preset_names() == ["bf16", "compiled", "distilled", "fp32"]
+    assert load_preset("fp32").dtype == "float32"
+    image = default_image()
+    assert image.is_file() and image.read_bytes() == (installed["examples"] / "coffee.jpg").read_bytes()
+    assert (preset.preset_dir() / "bf16.toml").read_text() == (installed["presets"] / "bf16.toml").read_text()
+
+
 def test_preset_file_without_name_takes_its_stem(tmp_path):
     path = tmp_path / "quick.toml"
     path.write_text(preset_toml("fp32", drop=("name", "description"), steps=4))

@@ -98,10 +98,9 @@ def bench(
 
 
 def default_image() -> Path:
-    from importlib import resources
+    from animate_cli.preset import packaged_folder
 
-    folder = resources.files("animate_cli.examples")
-    return Path(str(folder / "coffee.jpg"))
+    return Path(str(packaged_folder("examples") / "coffee.jpg"))
 
 
 def heldout_cells(h: dict | None) -> list[str]:
