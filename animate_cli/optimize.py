@@ -1,7 +1,8 @@
 """A preset's speed switches, applied from outside the stock diffusers modules; each one can be left off.
 
 attention = "project_once": cross-attention K/V projected once per video (animate_cli.attention).
-time_conv = "conv2d": the temporal layers' k x 1 x 1 Conv3d run as 2D convolutions (animate_cli.time_conv).
+time_conv = "conv2d" | "channels_last": the temporal layers' k x 1 x 1 Conv3d as 2D convolutions, or in
+channels-last-3d memory (animate_cli.time_conv).
 compile = true: torch.compile of the UNet and the VAE decoder, static shapes, no CUDA graphs
 (diffusers issue 10317: a CUDA-graphed SVD UNet breaks on the second image), artifacts cached on disk.
 """
@@ -15,14 +16,15 @@ import torch
 from animate_cli.attention import apply_project_once_attention
 from animate_cli.models import Model
 from animate_cli.preset import Preset
-from animate_cli.time_conv import apply_time_conv
+from animate_cli.time_conv import apply_channels_last, apply_time_conv
 
 
 def apply_optimizations(model: Model, preset: Preset, backend: str = "inductor") -> None:
     if preset.attention == "project_once":
         model.extras["project_once_modules"] = apply_project_once_attention(model.unet)
-    if preset.time_conv == "conv2d":
-        model.extras["time_conv_modules"] = apply_time_conv(model.unet) + apply_time_conv(model.vae)
+    if preset.time_conv != "conv3d":
+        apply = apply_time_conv if preset.time_conv == "conv2d" else apply_channels_last
+        model.extras["time_conv_modules"] = apply(model.unet) + apply(model.vae)
     if preset.compile:
         compile_model(model, backend)
 

@@ -15,7 +15,7 @@ CHOICES = {
     "sampler": ("euler", "dpmpp_2m", "heun", "animatelcm"),
     "schedule": ("karras", "log_sigma", "student", "animatelcm"),
     "attention": ("stock", "project_once"),
-    "time_conv": ("conv3d", "conv2d"),
+    "time_conv": ("conv3d", "conv2d", "channels_last"),
 }
 # Field -> (low, high) inclusive, for numbers.
 RANGES = {
@@ -47,8 +47,8 @@ class Preset:
     noise_aug: float = 0.02  # noise added to the conditioning image
     decode_chunk: int = 8  # frames per VAE decoder call
     attention: str = "stock"  # "project_once": cross-attention K/V once per video, not once per copy
-    time_conv: str = "conv3d"  # "conv2d": the temporal layers' k x 1 x 1 Conv3d run as 2D convolutions (slower
-    # on an H200, eager: README); off in every preset, there to measure on other cards with --set time_conv=conv2d
+    time_conv: str = "conv3d"  # the temporal layers' k x 1 x 1 Conv3d: as shipped, as 2D convolutions ("conv2d",
+    # slower on an H200, eager: README) or in channels-last-3d memory ("channels_last"); no preset changes it
     compile: bool = False  # torch.compile the UNet and the VAE decoder
     student: str = ""  # "": the model's own UNet; "auto", a student folder, or AnimateLCM .safetensors weights
 

@@ -1,10 +1,13 @@
-"""SVD's temporal convolutions as 2D convolutions.
+"""SVD's temporal convolutions in other forms (the preset field time_conv).
 
 The temporal layers of SVD's UNet and of its VAE decoder mix frames with nn.Conv3d whose kernel spans time
-only: k x 1 x 1 (k = 3), padding only in time. Over a video [B, C, T, H, W] that is a 2D convolution over
-[B, C, T, H*W] with a k x 1 kernel: the same products and sums, handed to cuDNN's 2D convolution kernels
-(and to inductor's channels-last layout for 2D convolutions) instead of its 3D ones. The weight and bias
-stay the module's own parameters under the same names, so state dicts and students are unaffected.
+only: k x 1 x 1 (k = 3), padding only in time. Two other forms of the same sums:
+  "conv2d":        over a video [B, C, T, H, W] it is a 2D convolution over [B, C, T, H*W] with a k x 1 kernel,
+                   handed to cuDNN's 2D kernels (and inductor's channels-last layout for 2D convolutions);
+  "channels_last": the Conv3d itself, its weight and its input in channels-last-3d (NDHWC) memory, the layout
+                   cuDNN's 3D kernels work in, so it need not transpose around each call.
+The weight and bias stay the module's own parameters under the same names, so state dicts and students are
+unaffected.
 """
 
 import torch
@@ -47,4 +50,22 @@ def apply_time_conv(module: nn.Module) -> int:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, TimeConv(conv))
+    return len(targets)
+
+
+def to_channels_last(conv: nn.Conv3d) -> None:
+    """The Conv3d in channels-last-3d: its weight once, its input at every call (a forward pre-hook)."""
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    conv.register_forward_pre_hook(channels_last_input)
+
+
+def channels_last_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=torch.channels_last_3d), *args[1:])
+
+
+def apply_channels_last(module: nn.Module) -> int:
+    """Every time-only Conv3d under `module` to channels-last-3d, in place; returns how many."""
+    targets = [child for child in module.modules() if can_replace(child)]
+    for conv in targets:
+        to_channels_last(conv)
     return len(targets)

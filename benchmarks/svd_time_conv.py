@@ -1,11 +1,11 @@
-"""SVD-XT's temporal convolutions (k x 1 x 1 Conv3d) against the same sums as 2D convolutions (time_conv).
+"""SVD-XT's temporal convolutions (k x 1 x 1 Conv3d) against the same sums in other forms (time_conv).
 
 Three measurements on random weights in bfloat16, eager (no torch.compile), each the median of `--repeats`
 timed calls after one warm-up:
   convs:  one convolution alone at each shape SVD-XT runs at 1024x576 (UNet levels: 25 frames; VAE decoder
           levels: 8 frames, a decode chunk): nn.Conv3d as diffusers ships it, the same with channels_last_3d
           weights and input, and animate_cli.time_conv.TimeConv;
-  unet:   one UNet call, batch 1, 25 frames, with the stock Conv3d and with time_conv = "conv2d";
+  unet:   one UNet call, batch 1, 25 frames, with the stock Conv3d, time_conv = "conv2d" and "channels_last";
   decode: the 25-frame VAE decode in chunks of 8, likewise.
 Prints a line per row; --json writes them all with the largest difference from the stock result.
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from animate_cli.time_conv import TimeConv, apply_time_conv
+from animate_cli.time_conv import TimeConv, apply_channels_last, apply_time_conv
 
 # (where, channels, frames, height, width, calls per video at 25 frames): a temporal res block has two convs
 SHAPES = (
@@ -79,35 +79,35 @@ def whole(part: str, device, repeats: int, frames: int, width: int, height: int)
     rows, reference = [], None
     g = torch.Generator(device).manual_seed(0)
     latents = torch.randn(1, frames, 4, height // 8, width // 8, generator=g, device=device)
-    model = build_random("svd-xt", torch.bfloat16, device)
-    if part == "decode":
-        model.unet = None
-    for variant in ("conv3d", "conv2d"):
-        if variant == "conv2d":
-            replaced = apply_time_conv(model.vae if part == "decode" else model.unet)
+    # the UNet's inputs, the same for every form
+    x = torch.cat([latents, latents], dim=2).to(torch.bfloat16)
+    embeds = torch.randn(1, 1, 1024, generator=g, device=device).to(torch.bfloat16)
+    ids = torch.tensor([[6.0, 127.0, 0.02]], device=device, dtype=torch.bfloat16)
+    t = torch.tensor([0.5], device=device)
+    for variant in ("conv3d", "conv2d", "channels_last"):
+        model = build_random("svd-xt", torch.bfloat16, device)  # the same weights (seed 0) for each form
+        if part == "decode":
+            model.unet = None
+        target = model.vae if part == "decode" else model.unet
+        replaced = {"conv3d": lambda m: 0, "conv2d": apply_time_conv, "channels_last": apply_channels_last}[
+            variant](target)
         with torch.inference_mode():
             if part == "decode":
-                seconds, out = timed(lambda: decode(model, latents, 8), repeats, device)
+                seconds, out = timed(lambda model=model: decode(model, latents, 8), repeats, device)
             else:
-                x = torch.cat([latents, latents], dim=2).to(torch.bfloat16)
-                embeds = torch.randn(1, 1, 1024, generator=g, device=device).to(torch.bfloat16)
-                ids = torch.tensor([[6.0, 127.0, 0.02]], device=device, dtype=torch.bfloat16)
-                t = torch.tensor([0.5], device=device)
-                seconds, out = timed(lambda x=x, embeds=embeds, ids=ids, t=t: model.unet(
+                seconds, out = timed(lambda unet=model.unet: unet(
                     x, t, encoder_hidden_states=embeds, added_time_ids=ids, return_dict=False)[0], repeats, device)
         out = out.float()
         diff = None if reference is None else (out - reference).abs().max().item()
         reference = out if reference is None else reference
         row = {"part": part, "time_conv": variant, "median_s": seconds, "max_abs_diff": diff,
-               "max_abs": reference.abs().max().item()}
-        if variant == "conv2d":
-            row["replaced"] = replaced
+               "max_abs": reference.abs().max().item(), "replaced": replaced}
         print(f"{part:6} {variant}: {seconds:.4f} s" + ("" if diff is None else
               f" (max difference {diff:.3g}, largest value {row['max_abs']:.3g})"), flush=True)
         rows.append(row)
-    model.unet = model.vae = None  # free the weights before the next part
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        model = target = None  # free the weights before the next form
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

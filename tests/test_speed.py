@@ -216,18 +216,29 @@ def test_time_conv_leaves_other_convolutions_alone():
         TimeConv(torch.nn.Conv3d(4, 4, (3, 3, 3)))
 
 
-def test_time_conv_in_the_pipeline_matches_stock():
-    """Every temporal convolution of the UNet and the VAE is replaced; the video is the stock one (float32,
-    up to summation order) and the weights keep their names."""
+@pytest.mark.parametrize("form", ["conv2d", "channels_last"])
+def test_time_conv_in_the_pipeline_matches_stock(form):
+    """Every temporal convolution of the UNet and the VAE takes the other form; the video is the stock one
+    (float32, up to summation order) and the weights keep their names."""
     stock = load_model("random:tiny", torch.float32, CPU)
     fast = load_model("random:tiny", torch.float32, CPU)
     keys = (fast.unet.state_dict().keys(), fast.vae.state_dict().keys())
-    apply_optimizations(fast, load_preset("fp32").replace(time_conv="conv2d"))
+    apply_optimizations(fast, load_preset("fp32").replace(time_conv=form))
     conv3d = [m for part in (stock.unet, stock.vae) for m in part.modules() if isinstance(m, torch.nn.Conv3d)]
     assert fast.extras["time_conv_modules"] == len(conv3d) > 0  # all of SVD's Conv3d are time-only
-    assert not any(isinstance(m, torch.nn.Conv3d) for part in (fast.unet, fast.vae) for m in part.modules())
+    left = [m for part in (fast.unet, fast.vae) for m in part.modules() if isinstance(m, torch.nn.Conv3d)]
+    if form == "conv2d":
+        assert left == []
+    else:
+        assert len(left) == len(conv3d)
+        assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in left)
+        seen = []
+        left[0].register_forward_hook(lambda m, args, out: seen.append(
+            args[0].is_contiguous(memory_format=torch.channels_last_3d) and args[0].shape[2] > 1))
     assert (fast.unet.state_dict().keys(), fast.vae.state_dict().keys()) == keys
     s = settings(frames=3, decode_chunk=3)
     a = generate(stock, [image(1)], [4], s, StageTimer(CPU))
     b = generate(fast, [image(1)], [4], s, StageTimer(CPU))
     assert (a.int() - b.int()).abs().max() <= 1
+    if form == "channels_last":
+        assert seen and all(seen)  # the convolution got its input in channels-last-3d
