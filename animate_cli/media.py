@@ -174,7 +174,8 @@ class VideoStream:
     def __init__(self, output: Path, fmt: str, fps: int, quality: int, size: tuple[int, int] | None = None):
         """size: (width, height) of the frames, where known, so an MP4's encoder starts before they come."""
         self.output, self.fmt, self.fps, self.quality, self.size = output, fmt, fps, quality, size
-        self.frames = 0
+        self.frames = 0  # appended so far
+        self._shape: tuple | None = None  # (H, W, 3) of the first chunk
         self._ended = False  # the encoder thread has taken close()'s or an abort's marker
         self._tmp: Path | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -190,7 +191,7 @@ class VideoStream:
         """uint8 frames [f, H, W, 3]; all of one size. Raises the encoder's error if it has failed."""
         if self._error is not None:
             raise self._error
-        if self.frames and frames.shape[1:] != self._shape:
+        if self._shape is not None and frames.shape[1:] != self._shape:
             raise ValueError(f"frames of size {frames.shape[1:]} after {self._shape}")
         self._shape = frames.shape[1:]
         self.frames += len(frames)
