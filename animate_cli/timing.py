@@ -49,18 +49,22 @@ class StageTimer:
 
     def end_steps(self) -> None:
         """Close the step clock: the next mark_step starts a new run of steps."""
-        self.step_times  # noqa: B018 (resolves the pending events)
+        self._read_events()
         self._step_marks = []
 
     @property
     def step_times(self) -> list[float]:
         """Seconds per step so far (waits for the device where steps are still pending)."""
+        self._read_events()
+        return self._step_times
+
+    def _read_events(self) -> None:
+        """On a GPU: the steps between the events recorded so far, once the last of them has happened."""
         if self.device.type == "cuda" and len(self._step_marks) > 1:
             self._step_marks[-1].synchronize()
             marks = self._step_marks
             self._step_times += [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:], strict=False)]
             self._step_marks = marks[-1:]
-        return self._step_times
 
     def total(self) -> float:
         return sum(self.stages.values())

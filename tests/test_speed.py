@@ -242,3 +242,37 @@ def test_time_conv_in_the_pipeline_matches_stock(form):
     assert (a.int() - b.int()).abs().max() <= 1
     if form == "channels_last":
         assert seen and all(seen)  # the convolution got its input in channels-last-3d
+
+
+def test_step_clock_on_a_gpu_reads_each_step_once_from_events(monkeypatch):
+    """On CUDA the steps are timed by events recorded in the stream (no synchronisation per step): each gap
+    between consecutive marks is one step, counted once however often the times are read, and end_steps()
+    starts a new run. Events are stood in for here, with times chosen by the test."""
+    clock = iter([0.0, 10.0, 30.0, 60.0, 100.0, 150.0])  # ms at each record()
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = next(clock)
+
+        def synchronize(self):
+            assert self.t is not None
+
+        def elapsed_time(self, later):
+            return later.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    timer = StageTimer(torch.device("cuda"))
+    for _ in range(3):
+        timer.mark_step()
+    assert timer.step_times == [0.010, 0.020]
+    timer.mark_step()
+    assert timer.step_times == [0.010, 0.020, 0.030]  # read twice, each step once
+    timer.end_steps()
+    timer.mark_step()
+    timer.mark_step()  # a new run: 100 -> 150, not 60 -> 100
+    assert timer.step_times == [0.010, 0.020, 0.030, 0.050]
