@@ -43,9 +43,13 @@ def can_replace(conv: nn.Module) -> bool:
             and not isinstance(conv.padding, str) and tuple(conv.padding[1:]) == (0, 0))
 
 
+def time_only_convs(module: nn.Module) -> list[tuple[str, nn.Conv3d]]:
+    return [(name, child) for name, child in module.named_modules() if can_replace(child)]
+
+
 def apply_time_conv(module: nn.Module) -> int:
     """Replace every time-only Conv3d under `module` in place; returns how many."""
-    targets = [(name, child) for name, child in module.named_modules() if can_replace(child)]
+    targets = time_only_convs(module)
     for name, conv in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
@@ -65,7 +69,7 @@ def channels_last_input(module: nn.Module, args: tuple) -> tuple:
 
 def apply_channels_last(module: nn.Module) -> int:
     """Every time-only Conv3d under `module` to channels-last-3d, in place; returns how many."""
-    targets = [child for child in module.modules() if can_replace(child)]
-    for conv in targets:
+    targets = time_only_convs(module)
+    for _, conv in targets:
         to_channels_last(conv)
     return len(targets)
