@@ -18,7 +18,12 @@ Phases, one resumable run (WORKDIR/checkpoint.safetensors):
       With rounds = 1, step_factor = 4, one round goes 32 -> 8. round_target = "teacher" takes each target from
       the original teacher instead, guided (two passes per step), over every base-grid step the student's step
       spans (2 then 4 with the defaults): the target then carries none of stage 1's error, at twice the passes per
-      target step.
+      target step. round_target = "trajectory" takes them from the teacher's own sampling paths instead: the
+      teacher samples (data = "teacher") keep each path's states on the first round's grid, and a round's student
+      learns, from the state at one point of its grid, to land in one DDIM step on the state the teacher's path
+      reached at the next (Luhman & Luhman's end-to-end target, taken one student step at a time). No model runs
+      to make a target, so a step costs one student pass, and the student trains on the very states it meets
+      when sampling from that noise; but only on those paths (samples_per_image per still, w as each was made).
   phase rounds + 1, stage 3 (optional, match_steps > 0; data = "teacher"): the final student samples from each
       teacher sample's own initial noise, with its own few steps, and learns to land where the teacher's
       32-step guided sample landed (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative
@@ -55,6 +60,7 @@ continues exactly as an uninterrupted one; torch's RNG states are also saved.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -77,7 +83,7 @@ LR_SCHEDULES = ("linear", "constant")
 GUIDANCE_INPUTS = ("frame", "video")
 SIGMA_SAMPLINGS = ("lognormal", "uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
-ROUND_TARGETS = ("previous", "teacher")
+ROUND_TARGETS = ("previous", "teacher", "trajectory")
 UNIFORM_SHARE = 0.1  # lognormal sigma sampling keeps this share uniform over the grid: every point is trained
 
 
@@ -168,7 +174,8 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"{c.final_steps} steps x {c.step_factor}^{c.rounds} rounds = {c.base_steps} base steps: "
                            "too many")
     if c.round_target not in ROUND_TARGETS:
-        raise AnimateError(f"--round-target {c.round_target!r}: choose {' or '.join(ROUND_TARGETS)}")
+        raise AnimateError(f"--round-target {c.round_target!r}: choose {', '.join(ROUND_TARGETS[:-1])} or "
+                           f"{ROUND_TARGETS[-1]}")
     lo, hi = c.guidance_range
     if not 0 <= lo <= hi:
         raise AnimateError(f"--guidance-range {lo} {hi}: expected 0 <= LOW <= HIGH")
@@ -180,6 +187,8 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"--data {c.data!r}: choose {' or '.join(DATA_SOURCES)}")
     if c.samples_per_image < 1:
         raise AnimateError(f"--samples-per-image must be at least 1, got {c.samples_per_image}")
+    if c.round_target == "trajectory" and c.data != "teacher":
+        raise AnimateError("--round-target trajectory needs --data teacher: its targets are the teacher's own paths")
     if c.match_steps > 0 and c.data != "teacher":
         raise AnimateError("--match-steps needs --data teacher: stage 3 matches the teacher's own samples")
     if c.guidance_input not in GUIDANCE_INPUTS:
@@ -239,6 +248,8 @@ class Data:
     videos: torch.Tensor | None = None  # [M, F, C, h, w] the teacher's samples (data = "teacher"), float32
     video_image: torch.Tensor | None = None  # [M] the still each sample was made from
     video_w: torch.Tensor | None = None  # [M] the guidance (max_guidance) each sample was made with
+    paths: torch.Tensor | None = None  # [M, n + 1, F, C, h, w] round_target "trajectory": each sample's states
+    # on the first round's n-step grid (paths[:, 0] = the initial noise x sigma_max, paths[:, -1] = the video)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -346,6 +357,7 @@ class Batch:
     latents: torch.Tensor  # [B, F, C, h, w] image latents on every frame
     time_ids: torch.Tensor
     sample: torch.Tensor | None = None  # [B] which teacher sample is each x0 (data = "teacher")
+    z_next: torch.Tensor | None = None  # [B, F, C, h, w] round_target "trajectory": where the teacher's path went
 
 
 def step_generator(c: DistillConfig, global_step: int) -> torch.Generator:
@@ -370,15 +382,36 @@ def draw_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: 
         x0 = data.x0[index.to(data.x0.device)].to(device).unsqueeze(1).expand(-1, c.frames, -1, -1, -1)
     lo, hi = c.guidance_range
     w = lo + (hi - lo) * torch.rand(b, generator=g)  # fresh w (not the sample's): the embedding learns all of w
-    if c.sampling(phase) == "uniform":  # randint, as before the option: a uniform run's draws stay the same
-        k = torch.randint(len(sigmas) - 1, (b,), generator=g)
-    else:
-        k = torch.multinomial(sigma_probabilities(c, sigmas, phase), b, replacement=True, generator=g)
+    k = draw_points(c, sigmas, b, g, phase)
     sigma = sigmas[k].float()
     eps = torch.randn(x0.shape, generator=g).to(device)
     z = x0 + sigma.to(device).view(-1, 1, 1, 1, 1) * eps
     return Batch(index=index, w=w.to(device), k=k, sigma=sigma.to(device), z=z, sample=sample,
                  **conditioning(data, index, c.frames, device))
+
+
+def draw_points(c: DistillConfig, sigmas: torch.Tensor, b: int, g: torch.Generator, phase: int) -> torch.Tensor:
+    """[b] indices of grid points to train at, drawn as sigma_probabilities says."""
+    if c.sampling(phase) == "uniform":  # randint, as before the option: a uniform run's draws stay the same
+        return torch.randint(len(sigmas) - 1, (b,), generator=g)
+    return torch.multinomial(sigma_probabilities(c, sigmas, phase), b, replacement=True, generator=g)
+
+
+def draw_path_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device,
+                    phase: int) -> Batch:
+    """A round with round_target "trajectory": teacher samples, each with the still and w it was made from, at a
+    point k of the round's grid (drawn as draw_batch draws it): z = the state its path reached at sigmas[k], z_next
+    = the state at sigmas[k + 1]; a function of (seed, global_step) alone."""
+    g = step_generator(c, global_step)
+    b = c.batch_size
+    sample = torch.randint(len(data.paths), (b,), generator=g)
+    index = data.video_image[sample]
+    k = draw_points(c, sigmas, b, g, phase)
+    stride = (data.paths.shape[1] - 1) // (len(sigmas) - 1)  # the round's grid within the kept one
+    sigma = sigmas[k].float()
+    return Batch(index=index, w=data.video_w[sample].to(device), k=k, sigma=sigma.to(device),
+                 z=data.paths[sample, k * stride].to(device), z_next=data.paths[sample, (k + 1) * stride].to(device),
+                 sample=sample, **conditioning(data, index, c.frames, device))
 
 
 def draw_match_batch(c: DistillConfig, data: Data, sigmas: torch.Tensor, global_step: int, device) -> Batch:
@@ -421,16 +454,19 @@ def sample_draw(c: DistillConfig, j: int, shape: tuple) -> tuple[float, torch.Te
 
 @torch.no_grad()
 def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, device, dtype, autocast,
-                    progress=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    progress=None, keep_every: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor | None]:
     """samples_per_image guided videos per still, made by the teacher with Euler on `sigmas` (the base grid):
-    (videos [M, F, C, h, w] float32 on the CPU, image index [M], w [M]). Sample j's w and noise come from a
-    generator seeded by (seed, j) alone, so they do not depend on the chunking."""
+    (videos [M, F, C, h, w] float32 on the CPU, image index [M], w [M], paths). Sample j's w and noise come from a
+    generator seeded by (seed, j) alone, so they do not depend on the chunking. keep_every > 0: paths [M, n + 1, F,
+    C, h, w] holds each sample's state at every keep_every-th point of `sigmas` (n = steps / keep_every), the
+    last being the video; else None."""
     n, per = len(data.names), c.samples_per_image
     image = torch.arange(n).repeat_interleave(per)
     draws = [sample_draw(c, j, (c.frames, *data.x0.shape[1:])) for j in range(n * per)]
     w = torch.tensor([d[0] for d in draws])
     noises = [d[1] for d in draws]
-    videos = []
+    videos, paths = [], []
     sig = sigmas.to(device)
     for start in range(0, n * per, c.batch_size):
         pick = torch.arange(start, min(start + c.batch_size, n * per))
@@ -438,16 +474,23 @@ def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, de
         batch = Batch(index=image[pick], w=w[pick].to(device), k=torch.zeros(b, dtype=torch.long),
                       sigma=sig[:1].expand(b), z=torch.empty(0), **conditioning(data, image[pick], c.frames, device))
 
-        def denoise(x, sigma, batch=batch, b=b):
+        kept, calls = [], itertools.count()
+
+        def denoise(x, sigma, batch=batch, b=b, kept=kept, calls=calls):
+            if next(calls) % keep_every == 0 if keep_every else False:  # a kept point's state, as the sampler has it
+                kept.append(x.float().cpu())
             with autocast():
                 v = guided_teacher_v(unet, batch, x, sigma.expand(b), c.min_guidance, dtype)
             return x0_from_v(x, sigma.expand(b), v)
 
         noise = torch.stack([noises[j] for j in pick.tolist()]).to(device)
-        videos.append(sample_euler(denoise, noise * sig[0], sig).float().cpu())
+        video = sample_euler(denoise, noise * sig[0], sig).float().cpu()
+        videos.append(video)
+        if keep_every:
+            paths.append(torch.stack(kept + [video], dim=1))  # [b, n + 1, F, C, h, w]
         if progress is not None:
             progress("teacher samples", int(pick[-1]) + 1, n * per)
-    return torch.cat(videos), image, w
+    return torch.cat(videos), image, w, torch.cat(paths) if keep_every else None
 
 
 def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
@@ -459,7 +502,10 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
     if c.data != "teacher":
         return
     base = base_sigmas(c, s.scheduler_config)
+    keep = path_stride(c)
     want = samples_fingerprint(c, s.data, base)
+    if keep:
+        want["paths_every"] = keep  # (absent otherwise: files made before paths existed still match)
     path = s.workdir / SAMPLES_FILE
     if path.is_file():
         from safetensors import safe_open
@@ -469,6 +515,7 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
         if meta == want:
             t = load_file(str(path))
             s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
+            s.data.paths = t.get("paths")
             return
         log(f"{path.name} was made for another run: making it again")
     total = len(s.data.names) * c.samples_per_image
@@ -483,13 +530,22 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
                 log(f"{name}: {step}/{total_}")
             done[0] = step
 
-    videos, image, w = teacher_samples(c, s.data, s.base_unet, base, s.device, s.teacher_dtype, s.autocast, progress)
+    videos, image, w, paths = teacher_samples(c, s.data, s.base_unet, base, s.device, s.teacher_dtype, s.autocast,
+                                              progress, keep_every=keep)
     log(f"teacher samples: made in {time.perf_counter() - start:.0f} s, kept in {path}")
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"videos": videos.contiguous(), "image": image.contiguous(), "w": w.contiguous()}, str(tmp),
-              metadata={"fingerprint": json.dumps(want)})
+    tensors = {"videos": videos.contiguous(), "image": image.contiguous(), "w": w.contiguous()}
+    if paths is not None:
+        tensors["paths"] = paths.contiguous()
+    save_file(tensors, str(tmp), metadata={"fingerprint": json.dumps(want)})
     tmp.replace(path)
-    s.data.videos, s.data.video_image, s.data.video_w = videos, image, w
+    s.data.videos, s.data.video_image, s.data.video_w, s.data.paths = videos, image, w, paths
+
+
+def path_stride(c: DistillConfig) -> int:
+    """round_target "trajectory": the teacher's paths are kept every this many base-grid points (the first round's
+    grid, on which every later round's grid lies); 0: not kept."""
+    return c.base_steps // c.student_steps(1) if c.round_target == "trajectory" and c.rounds > 0 else 0
 
 
 # ---------------------------------------------------------------- targets and loss
@@ -507,6 +563,10 @@ def stage2_target(s: Session, batch: Batch) -> torch.Tensor:
     guided (two passes each)."""
     c = s.config
     steps = c.student_steps(s.phase)
+    if c.round_target == "trajectory":  # where the teacher's path went from z
+        sig = s.sigmas.to(s.device)
+        ratio = (sig[batch.k + 1] / sig[batch.k]).view(-1, 1, 1, 1, 1)
+        return v_from_x0(batch.z, batch.sigma, (batch.z_next - ratio * batch.z) / (1 - ratio))
     if c.round_target == "teacher":
         fine = c.base_steps
 
@@ -594,7 +654,8 @@ def phase_name(c: DistillConfig, phase: int) -> str:
         return f"stage 1: guidance, {c.student_steps(0)} steps"
     if c.is_match(phase):
         return f"stage 3: {c.final_steps} steps matching the teacher's {c.base_steps}-step samples"
-    to = " (targets from the teacher)" if c.round_target == "teacher" else ""
+    to = {"teacher": " (targets from the teacher)", "trajectory": " (targets on the teacher's paths)"}.get(
+        c.round_target, "")
     return f"stage 2 round {phase}/{c.rounds}: {c.student_steps(phase - 1)} -> {c.student_steps(phase)} steps{to}"
 
 
@@ -667,6 +728,8 @@ def load_teacher(s: Session) -> None:
         s.teacher, s.base_unet = None, None
     elif s.phase == 0 or s.config.round_target == "teacher":
         s.teacher = s.base_unet
+    elif s.config.round_target == "trajectory":  # the targets are the teacher's kept paths
+        s.teacher, s.base_unet = None, None
     else:
         s.teacher, _ = load_student(phase_folder(s.workdir, s.phase - 1), s.teacher_dtype, s.device)
         s.base_unet = None  # not needed any more
@@ -773,6 +836,8 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
     if batch is None:
         if c.is_match(s.phase):
             batch = draw_match_batch(c, s.data, s.sigmas, s.global_step + 1, s.device)
+        elif s.phase > 0 and c.round_target == "trajectory":
+            batch = draw_path_batch(c, s.data, s.sigmas, s.global_step + 1, s.device, s.phase)
         else:
             batch = draw_batch(c, s.data, s.sigmas, s.global_step + 1, s.device, s.phase)
     s.student.train()

@@ -576,6 +576,71 @@ def test_teacher_samples_are_kept_and_remade_when_they_do_not_match(images, tmp_
     assert remade.data.videos.shape[0] == 3 and any("made for another run" in line for line in lines)
 
 
+def test_trajectory_rounds_keep_the_teachers_paths_and_land_where_they_went(images, tmp_path, monkeypatch):
+    from animate_cli.models import build_random
+    from animate_cli.pipeline import Conditioning, Settings, make_denoiser
+    from animate_cli.sampling import sample_euler
+
+    options = dict(OPTIONS, round_target="trajectory", rounds=2, step_factor=2, final_steps=1, batch_size=4,
+                   samples_per_image=2)  # 4 -> 2 -> 1 steps
+    work = tmp_path / "work"
+    s = distill.open_session(options, images, work, torch.device("cpu"))
+    data, c = s.data, s.config
+    assert data.paths.shape == (6, 3, 2, 4, 16, 16)  # the states on round 1's 2-step grid
+    assert torch.equal(data.paths[:, -1], data.videos)
+    model = build_random("tiny", torch.float32, torch.device("cpu"))
+    base = distill.base_sigmas(c, s.scheduler_config)
+    for j in (0, 5):  # each kept state is where the guided teacher's Euler steps reach, computed independently
+        w, noise = distill.sample_draw(c, j, (2, 4, 16, 16))
+        i = data.video_image[j].item()
+        cond = Conditioning(data.embeds[i:i + 1], data.image_latents[i:i + 1], data.time_ids[i:i + 1])
+        settings = Settings(width=32, height=32, frames=2, steps=4, fps=7, motion=127, noise_aug=0.02,
+                            min_guidance=c.min_guidance, max_guidance=w, decode_chunk=2, sampler="euler",
+                            schedule="karras")
+        denoise = make_denoiser(model, cond, settings)
+        for point in range(3):
+            expected = sample_euler(denoise, noise[None] * base[0], base[:2 * point + 1])
+            assert torch.allclose(data.paths[j:j + 1, point], expected, atol=1e-4 * (1 + expected.abs().max().item()))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a trajectory round runs no model to make its targets")
+
+    for phase in (1, 2):
+        distill.end_phase(s, log=lambda m: None)
+        assert s.phase == phase and s.teacher is None and s.base_unet is None
+        sigmas = s.sigmas
+        batch = distill.draw_path_batch(c, data, sigmas, 5, s.device, phase)
+        stride = 2 // (len(sigmas) - 1)
+        assert torch.equal(batch.z, data.paths[batch.sample, batch.k * stride])
+        assert torch.equal(batch.z_next, data.paths[batch.sample, (batch.k + 1) * stride])
+        assert torch.equal(batch.w, data.video_w[batch.sample]) and torch.equal(batch.index,
+                                                                               data.video_image[batch.sample])
+        assert torch.equal(batch.sigma, sigmas[batch.k].float())
+        with monkeypatch.context() as m:
+            m.setattr(distill, "guided_teacher_v", no_model)
+            m.setattr(distill, "student_v", no_model)
+            target = distill.stage2_target(s, batch)
+        x0 = distill.x0_from_v(batch.z, batch.sigma, target)  # one DDIM step with the target's x0 lands on z_next
+        one = x0 + (sigmas[batch.k + 1] / batch.sigma).view(-1, 1, 1, 1, 1) * (batch.z - x0)
+        assert torch.allclose(one, batch.z_next, atol=1e-4 * (1 + batch.z_next.abs().max().item()))
+    assert math.isfinite(distill.train_step(s))
+    # it resumes exactly, from the kept paths, without sampling them again
+    distill.save_checkpoint(s)
+    with monkeypatch.context() as m:
+        m.setattr(distill, "teacher_samples", no_model)
+        resumed = distill.open_session(options, images, work, torch.device("cpu"))
+    assert (resumed.phase, resumed.step) == (2, 1) and resumed.teacher is None
+    assert distill.train_step(resumed) == distill.train_step(s)
+    # samples kept without paths are made again with them
+    other = tmp_path / "other"
+    distill.open_session(dict(options, round_target="teacher"), images, other, torch.device("cpu"))
+    lines = []
+    again = distill.open_session(options, images, other, torch.device("cpu"), log=lines.append)
+    assert again.data.paths is not None and any("made for another run" in line for line in lines)
+    with pytest.raises(AnimateError, match="--round-target trajectory needs --data teacher"):
+        distill.open_session(dict(options, data="stills"), images, tmp_path / "stills-run", torch.device("cpu"))
+
+
 def test_precision_sets_the_autocast_and_may_change_on_resume(images, tmp_path):
     work = tmp_path / "work"
     s = distill.open_session(dict(OPTIONS, stage1_steps=4), images, work, torch.device("cpu"))
@@ -650,7 +715,7 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"match_lr": 0.0}, "--match-lr must be positive"),
     ({"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
     ({"step_factor": 1}, "--step-factor must be at least 2"),
-    ({"round_target": "student"}, "--round-target 'student': choose previous or teacher"),
+    ({"round_target": "student"}, "--round-target 'student': choose previous, teacher or trajectory"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):

@@ -32,8 +32,10 @@ def distill(
         "step-factor^rounds [2].")] = None,
     round_target: Annotated[str | None, typer.Option(
         "--round-target", help="Where each round's targets come from: 'previous' (step-factor steps of the "
-        "previous phase's student) or 'teacher' (the original teacher's guided steps over the same span: no "
-        "stage-1 error in the target, two passes per step) \\[previous].")] = None,
+        "previous phase's student), 'teacher' (the original teacher's guided steps over the same span: no "
+        "stage-1 error in the target, two passes per step) or 'trajectory' (where the teacher's own videos' "
+        "sampling paths went over that span, kept with them: no pass to make a target, but only those paths; "
+        "needs --data teacher) \\[previous].")] = None,
     final_steps: Annotated[int | None, typer.Option(
         "--final-steps", min=1, help="Sampling steps of the final student [8].")] = None,
     match_steps: Annotated[int | None, typer.Option(
