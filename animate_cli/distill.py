@@ -477,7 +477,7 @@ def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, de
         kept, calls = [], itertools.count()
 
         def denoise(x, sigma, batch=batch, b=b, kept=kept, calls=calls):
-            if next(calls) % keep_every == 0 if keep_every else False:  # a kept point's state, as the sampler has it
+            if keep_every and next(calls) % keep_every == 0:  # a kept point's state, as the sampler has it
                 kept.append(x.float().cpu())
             with autocast():
                 v = guided_teacher_v(unet, batch, x, sigma.expand(b), c.min_guidance, dtype)
@@ -560,7 +560,7 @@ def stage2_target(s: Session, batch: Batch) -> torch.Tensor:
     """Where the round's target model lands in DDIM steps from (z, s_k) over the points of its finer grid that one
     student step spans -> the x0 one student step needs -> v. round_target "previous": step_factor steps of the
     previous phase's student (one pass each); "teacher": base_steps / student_steps steps of the original teacher,
-    guided (two passes each)."""
+    guided (two passes each); "trajectory": no model, the teacher's kept path from z (batch.z_next)."""
     c = s.config
     steps = c.student_steps(s.phase)
     if c.round_target == "trajectory":  # where the teacher's path went from z
