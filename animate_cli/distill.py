@@ -45,6 +45,15 @@ So the student trains on the videos it will meet when sampling, and no video dat
 uses the still's own latent on every frame instead (a video without motion: off the teacher's distribution at
 low noise, where the student then learns the wrong inputs).
 
+Held-out check (holdout > 0): that many stills (picked by the seed) are kept out of training, and the teacher makes
+one guided video from each on the base grid (w evenly over guidance_range, its own noise), kept in
+WORKDIR/heldout-samples.safetensors with the teacher's own distance to them on every coarser grid a phase samples
+on. At each phase's end, and every eval_every steps, the student samples each held-out still on its phase's grid,
+one pass per step, from the same noise; the RMS distance in latents to the teacher's videos goes to the log and
+WORKDIR/eval.jsonl. It answers what the loss cannot: whether the student is getting closer to the teacher on
+stills it never saw, or only fitting the ones it trains on. keep_best ends each phase with its best-measured
+student (kept in WORKDIR/phase-N-best while the phase runs) rather than its last.
+
 Precision: "auto" runs bf16 autocast (teacher in bf16) on CUDA and float32 elsewhere; "bf16" autocasts on any
 device, the teacher's UNet staying float32 on a CPU (the weights, the optimizer and the loss stay float32 always).
 On a 2-core CPU with bf16 instructions a tiny-motion stage-1 step at batch 16 took 0.89 s with it, 1.31 s without.
@@ -62,6 +71,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -77,6 +87,8 @@ from animate_cli.student import load_student, make_student, save_student, set_gu
 CHECKPOINT = "checkpoint.safetensors"
 LOSS_LOG = "loss.jsonl"
 SAMPLES_FILE = "teacher-samples.safetensors"
+HELDOUT_FILE = "heldout-samples.safetensors"
+EVAL_LOG = "eval.jsonl"
 FINAL_SAMPLER = "euler"  # one DDIM step per grid interval: what stage 2 distils
 DATA_SOURCES = ("teacher", "stills")
 LR_SCHEDULES = ("linear", "constant")
@@ -123,6 +135,9 @@ class DistillConfig:
     match_steps: int = 0  # stage 3: optimizer steps matching the teacher's samples end to end (0: no stage 3)
     match_lr: float | None = None  # stage 3's learning rate (None: lr)
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; "bf16" (autocast anywhere); "fp32"
+    holdout: int = 0  # stills kept out of training: the student's distance to the teacher's videos from them
+    eval_every: int = 0  # measure that distance every this many steps (0: at each phase's end only)
+    keep_best: bool = False  # each phase ends with its best-measured student rather than its last
 
     @property
     def base_steps(self) -> int:
@@ -202,6 +217,11 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"lr schedule {c.lr_schedule!r}: choose {' or '.join(LR_SCHEDULES)}")
     if c.precision not in PRECISIONS:
         raise AnimateError(f"--precision {c.precision!r}: choose {', '.join(PRECISIONS)}")
+    if c.holdout < 0 or c.eval_every < 0:
+        raise AnimateError("--holdout and --eval-every must be at least 0")
+    if (c.eval_every or c.keep_best) and not c.holdout:
+        raise AnimateError(f"{'--eval-every' if c.eval_every else '--keep-best'} needs --holdout N: the stills "
+                           "whose teacher videos the student is measured against")
 
 
 # ---------------------------------------------------------------- sigma grids
@@ -542,6 +562,193 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
     s.data.videos, s.data.video_image, s.data.video_w, s.data.paths = videos, image, w, paths
 
 
+# ---------------------------------------------------------------- the held-out check
+@dataclass
+class Heldout:
+    """The stills kept out of training (holdout), with one teacher video each: the teacher's guided Euler sample on
+    the base grid from `noise` (unit variance, x sigma_max to start), at guidance w; `teacher` maps each coarser
+    grid a phase samples on (its step count) to the teacher's own distance there, sampled the same way."""
+    data: Data
+    noise: torch.Tensor  # [N, F, C, h, w]
+    videos: torch.Tensor  # [N, F, C, h, w] float32
+    w: torch.Tensor  # [N]
+    teacher: dict[int, float]
+
+
+def split_heldout(c: DistillConfig, files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training stills, held-out stills): holdout of them picked by the run's seed, each list in name order."""
+    if not c.holdout:
+        return files, []
+    if c.holdout >= len(files):
+        raise AnimateError(f"--holdout {c.holdout}: the folder holds {len(files)} still"
+                           f"{'' if len(files) == 1 else 's'}; hold out fewer, so some are left to train on")
+    g = torch.Generator().manual_seed(c.seed * 1_000_003 + 999_979)
+    held = set(torch.randperm(len(files), generator=g)[:c.holdout].tolist())
+    return [f for i, f in enumerate(files) if i not in held], [f for i, f in enumerate(files) if i in held]
+
+
+def heldout_draw(c: DistillConfig, j: int, shape: tuple) -> tuple[float, torch.Tensor]:
+    """Held-out video j's guidance (evenly over guidance_range) and initial noise, from (seed, j), a stream apart
+    from the training samples'."""
+    g = torch.Generator().manual_seed(c.seed * 1_000_003 + 499_979 + j)
+    lo, hi = c.guidance_range
+    return lo + (hi - lo) * (j + 0.5) / c.holdout, torch.randn(shape, generator=g)
+
+
+def heldout_grids(c: DistillConfig) -> list[int]:
+    """The step counts the phases sample on, coarsest last (base_steps first)."""
+    return sorted({c.student_steps(p) for p in range(c.last_phase + 1)}, reverse=True)
+
+
+@torch.no_grad()
+def euler_from(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    return sample_euler(denoise, noise * sigmas[0], sigmas).float()
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).pow(2).mean().sqrt().item()
+
+
+@torch.no_grad()
+def attach_heldout(s: Session, data: Data, log=print) -> None:
+    """holdout > 0: encode the held-out stills and load WORKDIR/heldout-samples.safetensors if it matches this run,
+    else make it with the original UNet (the teacher's videos and its own distance on every coarser grid)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    c = s.config
+    want = {**samples_fingerprint(c, data, base_sigmas(c, s.scheduler_config)), "holdout": c.holdout,
+            "grids": heldout_grids(c)}
+    del want["samples_per_image"]
+    path = s.workdir / HELDOUT_FILE
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if json.loads(meta.get("fingerprint", "null")) == want:
+            t = load_file(str(path))
+            teacher = {int(k): v for k, v in json.loads(meta["teacher"]).items()}
+            s.heldout = Heldout(data, t["noise"], t["videos"], t["w"], teacher)
+            return
+        log(f"{path.name} was made for another run: making it again")
+    n = len(data.names)
+    log(f"held-out check: the teacher's videos from {n} held-out still{'' if n == 1 else 's'}")
+    draws = [heldout_draw(c, j, (c.frames, *data.x0.shape[1:])) for j in range(n)]
+    w = torch.tensor([d[0] for d in draws])
+    noise = torch.stack([d[1] for d in draws])
+    runs = {}
+    for steps in heldout_grids(c):
+        sig = grid(c, s.scheduler_config, steps).to(s.device)
+
+        def teacher_x0(x, sigma, batch):
+            with s.autocast():
+                v = guided_teacher_v(s.base_unet, batch, x, sigma.expand(len(x)), c.min_guidance, s.teacher_dtype)
+            return x0_from_v(x, sigma.expand(len(x)), v)
+
+        runs[steps] = sample_heldout(s, data, noise, w, sig, teacher_x0)
+    videos = runs[c.base_steps]
+    teacher = {steps: rms(v, videos) for steps, v in runs.items() if steps != c.base_steps}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"noise": noise.contiguous(), "videos": videos.contiguous(), "w": w.contiguous()}, str(tmp),
+              metadata={"fingerprint": json.dumps(want), "teacher": json.dumps(teacher)})
+    tmp.replace(path)
+    s.heldout = Heldout(data, noise, videos, w, teacher)
+
+
+def sample_heldout(s: Session, data: Data, noise: torch.Tensor, w: torch.Tensor, sig: torch.Tensor,
+                   x0_fn) -> torch.Tensor:
+    """Each held-out still's video, Euler on `sig` from its noise; x0_fn(x, sigma, batch) -> x0. float32, CPU."""
+    out = []
+    for start in range(0, len(noise), s.config.batch_size):
+        pick = torch.arange(start, min(start + s.config.batch_size, len(noise)))
+        b = len(pick)
+        batch = Batch(index=pick, w=w[pick].to(s.device), k=torch.zeros(b, dtype=torch.long),
+                      sigma=sig[:1].expand(b), z=torch.empty(0), **conditioning(data, pick, s.config.frames, s.device))
+        out.append(euler_from(lambda x, sigma, batch=batch: x0_fn(x, sigma, batch), noise[pick].to(s.device),
+                              sig).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def heldout_distance(s: Session) -> float:
+    """RMS distance (in latents) of the student of the current phase, sampling each held-out still with Euler on
+    the phase's grid, one pass per step, to the teacher's video from the same noise."""
+    c, h = s.config, s.heldout
+    sig = grid(c, s.scheduler_config, c.student_steps(s.phase)).to(s.device)
+
+    def student_x0(x, sigma, batch):
+        with s.autocast():
+            v = student_v(s.student, batch, x, sigma.expand(len(x)), torch.float32)
+        return x0_from_v(x, sigma.expand(len(x)), v)
+
+    was_training = s.student.training
+    s.student.eval()
+    try:
+        return rms(sample_heldout(s, h.data, h.noise, h.w, sig, student_x0), h.videos)
+    finally:
+        s.student.train(was_training)
+
+
+def best_folder(workdir: Path, phase: int) -> Path:
+    return Path(workdir) / f"phase-{phase}-best"
+
+
+def check_heldout(s: Session, log=print) -> float:
+    """Measure the student now; log it with the bar it has to beat, append it to WORKDIR/eval.jsonl, and with
+    keep_best save it to WORKDIR/phase-N-best when it is the phase's best so far."""
+    c = s.config
+    d = heldout_distance(s)
+    steps = c.student_steps(s.phase)
+    bar = s.heldout.teacher.get(steps)
+    best = s.extras.get("best")
+    improved = best is None or d < best[0]
+    if improved:
+        s.extras["best"] = (d, s.global_step)
+    log(f"held-out: the {steps}-step student is {d:.5f} from the teacher's {c.base_steps}-step videos"
+        + (f" (the teacher's own {steps} steps: {bar:.5f})" if bar is not None else "")
+        + (f"; best of this phase: {s.extras['best'][0]:.5f} at step {s.extras['best'][1]}" if not improved else ""))
+    with (s.workdir / EVAL_LOG).open("a") as f:
+        f.write(json.dumps({"global_step": s.global_step, "phase": s.phase, "step": s.step, "steps": steps,
+                            "distance": d, "teacher_distance": bar, "time": round(time.time(), 3)}) + "\n")
+    if improved and c.keep_best:
+        folder = best_folder(s.workdir, s.phase)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_student(s.student, tmp, sampler_config(s, s.phase))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return d
+
+
+def phase_best(workdir: Path, phase: int, global_step: int) -> tuple[float, int] | None:
+    """(distance, global step) of the best check of `phase` in WORKDIR/eval.jsonl up to `global_step`."""
+    path = Path(workdir) / EVAL_LOG
+    if not path.is_file():
+        return None
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            if row["phase"] == phase and row["global_step"] <= global_step:
+                rows.append((float(row["distance"]), int(row["global_step"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return min(rows) if rows else None
+
+
+def restore_best(s: Session, log=print) -> None:
+    """keep_best at a phase's end: take the phase's best-measured student, if its folder holds that step."""
+    best = s.extras.get("best")
+    folder = best_folder(s.workdir, s.phase)
+    if best is None or best[1] == s.global_step or not (folder / "student.json").is_file():
+        return
+    unet, meta = load_student(folder, torch.float32, s.device)
+    if meta.get("distillation", {}).get("global_step") != best[1]:
+        log(f"{folder.name} does not hold step {best[1]}: keeping the last student")
+        return
+    s.student.load_state_dict(unet.state_dict(), strict=True)
+    log(f"keeping the student of step {best[1]} (held-out {best[0]:.5f}) rather than the last")
+
+
 def path_stride(c: DistillConfig) -> int:
     """round_target "trajectory": the teacher's paths are kept every this many base-grid points (the first round's
     grid, on which every later round's grid lies); 0: not kept."""
@@ -632,6 +839,7 @@ class Session:
     global_step: int = 0
     teacher_dtype: torch.dtype = torch.float32
     last_loss: float | None = None
+    heldout: Heldout | None = None  # holdout > 0: the stills and teacher videos the student is measured on
     extras: dict = field(default_factory=dict)
 
     @property
@@ -684,7 +892,7 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
     from animate_cli.models import load_model
 
     workdir = Path(workdir)
-    files = image_files(images)
+    all_files = image_files(images)
     if workdir.exists() and not workdir.is_dir():
         raise AnimateError(f"--workdir {workdir} is a file; give a folder")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -694,9 +902,11 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
     else:
         c = DistillConfig(**options)
     check_config(c)
+    files, held = split_heldout(c, all_files)
     model = load_model(c.model, torch.float32, device, progress=True)
     c = resolve_geometry(c, model)
     data = encode_images(model, files, c)
+    held_data = encode_images(model, held, c) if held else None
     if saved is not None and saved["images"] != data.names:
         raise AnimateError(f"{workdir / CHECKPOINT} was trained on other images ({len(saved['images'])} files); "
                            "give the same folder, or another --workdir")
@@ -715,6 +925,8 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
     if saved is not None:
         restore(s, saved)
     attach_teacher_samples(s, progress, log)  # before load_teacher: needs the original UNet
+    if held_data is not None:
+        attach_heldout(s, held_data, log)
     load_teacher(s)
     return s
 
@@ -736,7 +948,8 @@ def load_teacher(s: Session) -> None:
 
 
 PER_PHASE = ("stage1_steps", "round_steps", "match_steps", "match_lr")  # may change for phases not yet finished
-ANY_TIME = ("precision", "gradient_checkpointing")  # how it runs, not what is learned: may change on any resume
+ANY_TIME = ("precision", "gradient_checkpointing",  # how it runs, not what is learned: may change on any resume
+            "eval_every", "keep_best")  # (and how often it is measured, and which measured student a phase keeps)
 
 
 def merge_config(saved: DistillConfig, options: dict, phase: int) -> DistillConfig:
@@ -812,11 +1025,13 @@ def restore(s: Session, data: dict) -> None:
     if "cuda" in data["rng"] and s.device.type == "cuda":
         torch.cuda.set_rng_state(data["rng"]["cuda"], s.device)
     trim_loss_log(s.workdir, s.global_step)
+    trim_loss_log(s.workdir, s.global_step, EVAL_LOG)
+    s.extras["best"] = phase_best(s.workdir, s.phase, s.global_step)
 
 
-def trim_loss_log(workdir: Path, global_step: int) -> None:
-    """Drop loss lines past the checkpoint: they will be written again by the resumed run."""
-    path = Path(workdir) / LOSS_LOG
+def trim_loss_log(workdir: Path, global_step: int, name: str = LOSS_LOG) -> None:
+    """Drop loss (or eval) lines past the checkpoint: they will be written again by the resumed run."""
+    path = Path(workdir) / name
     if not path.is_file():
         return
     kept = []
@@ -899,8 +1114,14 @@ def sampling_record(c: DistillConfig, sampling: str):
 
 
 def end_phase(s: Session, log) -> None:
+    if s.heldout is not None:
+        check_heldout(s, log)
+        if s.config.keep_best:
+            restore_best(s, log)
     folder = save_student(s.student, phase_folder(s.workdir, s.phase), sampler_config(s, s.phase))
     log(f"{phase_name(s.config, s.phase)} done at step {s.global_step}: saved {folder}")
+    shutil.rmtree(best_folder(s.workdir, s.phase), ignore_errors=True)
+    s.extras["best"] = None
     s.phase += 1
     s.step = 0
     s.optimizer = new_optimizer(s.config, s.student)
@@ -942,6 +1163,8 @@ def run(s: Session, checkpoint_every: int = 100, log_every: int = 10, log=print,
                 log(f"{phase_name(c, s.phase)}: step {s.step}/{total} loss {sum(recent) / len(recent):.5f} "
                     f"({rate:.2f} steps/s)")
                 recent = []
+            if c.eval_every and s.heldout is not None and s.step % c.eval_every == 0 and s.step < total:
+                check_heldout(s, log)
             if s.global_step % checkpoint_every == 0:
                 save_checkpoint(s)
     finally:

@@ -466,10 +466,13 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     args = ["distill", images, "--model", "random:tiny", "--workdir", work, "--stage1-steps", "2", "--round-steps",
             "2", "--rounds", "1", "--final-steps", "2", "--size", "32x32", "--frames", "2", "--device", "cpu",
             "--guidance-input", "frame", "--sigma-sampling", "lognormal", "--guidance-range", "2", "2.5",
-            "--lr", "1e-4", "--precision", "bf16", "--out", student]
+            "--lr", "1e-4", "--precision", "bf16", "--holdout", "1", "--out", student]
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().endswith("student")
+    assert "2 images (and 1 held out)" in result.text and "held-out: the 2-step student is" in result.text
+    checks = [json.loads(x) for x in (work / "eval.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["steps"]) for r in checks] == [(0, 4), (1, 2)]  # at each phase's end
     files = sorted(str(p.relative_to(student)) for p in student.rglob("*") if p.is_file())
     assert files == ["guidance_embedding.safetensors", "student.json", "unet/config.json",
                      "unet/diffusion_pytorch_model.safetensors"]
@@ -641,6 +644,95 @@ def test_trajectory_rounds_keep_the_teachers_paths_and_land_where_they_went(imag
         distill.open_session(dict(options, data="stills"), images, tmp_path / "stills-run", torch.device("cpu"))
 
 
+# ---------------------------------------------------------------- the held-out check
+def test_heldout_stills_train_nothing_and_measure_the_student_against_the_teachers_videos(images, tmp_path,
+                                                                                       monkeypatch):
+    from animate_cli.models import build_random
+    from animate_cli.pipeline import Conditioning, Settings, make_denoiser
+    from animate_cli.sampling import sample_euler
+
+    work = tmp_path / "work"
+    s = distill.open_session(dict(OPTIONS, holdout=1, samples_per_image=1), images, work, torch.device("cpu"))
+    h, c = s.heldout, s.config
+    assert len(s.data.names) == 2 and len(h.data.names) == 1
+    assert sorted(s.data.names + h.data.names) == ["still0.png", "still1.png", "still2.png"]
+    assert set(s.data.video_image.tolist()) == {0, 1}  # the teacher's training videos: none from the held-out still
+    # the held-out video is the teacher's guided Euler sample on the base grid from its noise, as the pipeline makes
+    model = build_random("tiny", torch.float32, torch.device("cpu"))
+    base = distill.base_sigmas(c, s.scheduler_config)
+    w, noise = distill.heldout_draw(c, 0, (2, 4, 16, 16))
+    assert w == pytest.approx(2.0) == pytest.approx(h.w[0].item())  # the middle of guidance range 1 to 3
+    assert torch.equal(noise, h.noise[0])
+    cond = Conditioning(h.data.embeds, h.data.image_latents, h.data.time_ids)
+    settings = Settings(width=32, height=32, frames=2, steps=4, fps=7, motion=127, noise_aug=0.02, min_guidance=1.0,
+                        max_guidance=w, decode_chunk=2, sampler="euler", schedule="karras")
+    expected = sample_euler(make_denoiser(model, cond, settings), noise[None] * base[0], base)
+    assert torch.allclose(h.videos, expected, atol=1e-4 * (1 + expected.abs().max().item()))
+    # the teacher's own distance on the final grid: its guided Euler steps on every 2nd point
+    coarse = sample_euler(make_denoiser(model, cond, settings), noise[None] * base[0], base[::2])
+    assert list(h.teacher) == [2] and h.teacher[2] == pytest.approx(distill.rms(coarse, expected), rel=1e-3)
+    assert h.teacher[2] > 0
+    # the untrained student is the unguided teacher: it misses guidance 2 on the held-out video
+    assert distill.heldout_distance(s) > 0.1 * h.videos.std().item()
+
+    with monkeypatch.context() as m:  # kept in the workdir, and reused
+        m.setattr(distill, "sample_heldout", lambda *a, **k: pytest.fail("the held-out videos should be reused"))
+        again = distill.open_session(dict(OPTIONS, holdout=1, samples_per_image=1), images, work,
+                                     torch.device("cpu"))
+    assert torch.equal(again.heldout.videos, h.videos) and again.heldout.teacher == h.teacher
+
+    # at guidance 1 the guided teacher is its conditional pass, so the untrained student samples the same video
+    one = distill.open_session(dict(OPTIONS, holdout=1, guidance_range=(1.0, 1.0), samples_per_image=1), images,
+                               tmp_path / "one", torch.device("cpu"))
+    assert distill.heldout_distance(one) < 1e-5 * one.heldout.videos.abs().max().item()
+    assert distill.heldout_distance(one) < 1e-3 * one.heldout.teacher[2]
+
+
+def test_eval_every_logs_each_check_and_keep_best_ends_the_phase_with_the_best_even_across_a_resume(
+        images, tmp_path, monkeypatch):
+    values = [0.5, 0.2, 0.4, 0.3, 0.1, 0.15]  # stage 1's checks at steps 1, 2, 3 and at its end (4); round 1's
+    scripted = iter(values)  # at its step 1 and its end
+    weights = {}
+
+    def distance(s):
+        weights[s.global_step] = {k: v.clone() for k, v in s.student.state_dict().items()}
+        return next(scripted)
+
+    monkeypatch.setattr(distill, "heldout_distance", distance)
+    work = tmp_path / "work"
+    options = dict(OPTIONS, stage1_steps=4, holdout=1, eval_every=1, keep_best=True, samples_per_image=1)
+    lines = []
+    first = distill.open_session(options, images, work, torch.device("cpu"))
+    distill.run(first, until=3, log=lines.append)
+    assert (work / "phase-0-best" / "student.json").is_file()
+    resumed = distill.open_session(options, images, work, torch.device("cpu"))
+    assert resumed.extras["best"] == (0.2, 2)
+    distill.run(resumed, log=lines.append)
+    rows = [json.loads(x) for x in (work / "eval.jsonl").read_text().splitlines()]
+    assert [(r["global_step"], r["phase"], r["distance"], r["steps"]) for r in rows] == [
+        (1, 0, 0.5, 4), (2, 0, 0.2, 4), (3, 0, 0.4, 4), (4, 0, 0.3, 4), (5, 1, 0.1, 2), (6, 1, 0.15, 2)]
+    assert any("keeping the student of step 2" in x for x in lines)
+    assert any("held-out: the 4-step student is 0.40000" in x and "best of this phase: 0.20000 at step 2" in x
+               for x in lines)
+    kept, _ = load_student(work / "phase-0", torch.float32, "cpu")
+    state = kept.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights[2].items())
+    assert not all(torch.equal(state[k], v) for k, v in weights[4].items())
+    assert not (work / "phase-0-best").exists() and not (work / "phase-1-best").exists()
+    assert rows[4]["teacher_distance"] is not None and rows[0]["teacher_distance"] is None  # the bar on 2 steps
+    final, _ = load_student(work / "phase-1", torch.float32, "cpu")  # round 1 kept its step 1 (global step 5)
+    assert all(torch.equal(final.state_dict()[k], v) for k, v in weights[5].items())
+    assert all(torch.equal(resumed.student.state_dict()[k], v) for k, v in weights[5].items())  # what export writes
+
+    last = tmp_path / "last"  # --keep-last (the default): the phase ends with its last student, checked all the same
+    scripted = iter(values)
+    plain = distill.open_session(dict(options, keep_best=False), images, last, torch.device("cpu"))
+    distill.run(plain, log=lambda m: None)
+    kept, _ = load_student(last / "phase-0", torch.float32, "cpu")
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in weights[4].items())
+    assert len((last / "eval.jsonl").read_text().splitlines()) == 6 and not (last / "phase-0-best").exists()
+
+
 def test_precision_sets_the_autocast_and_may_change_on_resume(images, tmp_path):
     work = tmp_path / "work"
     s = distill.open_session(dict(OPTIONS, stage1_steps=4), images, work, torch.device("cpu"))
@@ -716,6 +808,9 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
     ({"step_factor": 1}, "--step-factor must be at least 2"),
     ({"round_target": "student"}, "--round-target 'student': choose previous, teacher or trajectory"),
+    ({"holdout": 3}, "--holdout 3: the folder holds 3 stills; hold out fewer"),
+    ({"eval_every": 5}, "--eval-every needs --holdout N"),
+    ({"keep_best": True}, "--keep-best needs --holdout N"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):

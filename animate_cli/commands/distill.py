@@ -79,6 +79,17 @@ def distill(
         help="Recompute the student's activations in the backward pass: less memory, more time (default: on "
         "CUDA, where memory is short for a large model; off for a small one); may change on resume.",
         show_default=False)] = None,
+    holdout: Annotated[int | None, typer.Option(
+        "--holdout", min=0, help="Stills kept out of training (picked by --seed): the teacher makes a video from "
+        "each, and the student's distance to those videos, sampling on its phase's grid from the same noise, is "
+        "measured at each phase's end (and every --eval-every steps), logged and kept in WORKDIR/eval.jsonl [0].")]
+    = None,
+    eval_every: Annotated[int | None, typer.Option(
+        "--eval-every", min=0, help="Measure the held-out distance every this many steps as well (needs "
+        "--holdout) [0: at each phase's end only].")] = None,
+    keep_best: Annotated[bool | None, typer.Option(
+        "--keep-best/--keep-last", help="End each phase with its student that measured closest on the held-out "
+        "stills rather than its last (needs --holdout) \\[keep-last].", show_default=False)] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
@@ -109,7 +120,8 @@ def distill(
                  guidance_range=tuple(guidance_range) if guidance_range is not None else None,
                  sigma_sampling=sigma_sampling, round_sigma_sampling=round_sigma_sampling,
                  sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std, precision=precision,
-                 gradient_checkpointing=gradient_checkpointing)
+                 gradient_checkpointing=gradient_checkpointing, holdout=holdout, eval_every=eval_every,
+                 keep_best=keep_best)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
@@ -134,7 +146,8 @@ def distill(
         session = d.open_session(options, images, workdir, torch_device, log=log, progress=progress)
         c = session.config
         log(f"{'resumed at step ' + str(session.global_step) if session.global_step else 'new run'}: {c.model}, "
-            f"{len(session.data.names)} images at {c.width}x{c.height}, {c.frames} frames, {torch_device}; "
+            f"{len(session.data.names)} images{f' (and {c.holdout} held out)' if c.holdout else ''} at "
+            f"{c.width}x{c.height}, {c.frames} frames, {torch_device}; "
             f"{c.base_steps} -> {c.final_steps} steps in {c.rounds} round{'' if c.rounds == 1 else 's'}"
             f"{f', then {c.match_steps} matching steps' if c.match_steps else ''}; data: {c.data}")
         d.run(session, checkpoint_every=checkpoint_every, log_every=log_every, log=log, progress=progress,
