@@ -611,8 +611,8 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def attach_heldout(s: Session, data: Data, log=print) -> None:
-    """holdout > 0: encode the held-out stills and load WORKDIR/heldout-samples.safetensors if it matches this run,
-    else make it with the original UNet (the teacher's videos and its own distance on every coarser grid)."""
+    """The held-out stills (`data`, encoded): load WORKDIR/heldout-samples.safetensors if it matches this run, else
+    make it with the original UNet (the teacher's videos and its own distance on every coarser grid)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -688,6 +688,11 @@ def heldout_distance(s: Session) -> float:
         s.student.train(was_training)
 
 
+def phase_step(s: Session, global_step: int) -> int:
+    """The current phase's own step count at `global_step` (a step of this phase)."""
+    return global_step - (s.global_step - s.step)
+
+
 def best_folder(workdir: Path, phase: int) -> Path:
     return Path(workdir) / f"phase-{phase}-best"
 
@@ -705,7 +710,7 @@ def check_heldout(s: Session, log=print) -> float:
         s.extras["best"] = (d, s.global_step)
     log(f"held-out: the {steps}-step student is {d:.5f} from the teacher's {c.base_steps}-step videos"
         + (f" (the teacher's own {steps} steps: {bar:.5f})" if bar is not None else "")
-        + (f"; best of this phase: {s.extras['best'][0]:.5f} at step {s.extras['best'][1]}" if not improved else ""))
+        + (f"; best of this phase: {best[0]:.5f} at its step {phase_step(s, best[1])}" if not improved else ""))
     with (s.workdir / EVAL_LOG).open("a") as f:
         f.write(json.dumps({"global_step": s.global_step, "phase": s.phase, "step": s.step, "steps": steps,
                             "distance": d, "teacher_distance": bar, "time": round(time.time(), 3)}) + "\n")
@@ -746,7 +751,8 @@ def restore_best(s: Session, log=print) -> None:
         log(f"{folder.name} does not hold step {best[1]}: keeping the last student")
         return
     s.student.load_state_dict(unet.state_dict(), strict=True)
-    log(f"keeping the student of step {best[1]} (held-out {best[0]:.5f}) rather than the last")
+    log(f"keeping the student of the phase's step {phase_step(s, best[1])} (held-out {best[0]:.5f}) rather than "
+        "its last")
 
 
 def path_stride(c: DistillConfig) -> int:

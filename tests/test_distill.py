@@ -711,8 +711,11 @@ def test_eval_every_logs_each_check_and_keep_best_ends_the_phase_with_the_best_e
     rows = [json.loads(x) for x in (work / "eval.jsonl").read_text().splitlines()]
     assert [(r["global_step"], r["phase"], r["distance"], r["steps"]) for r in rows] == [
         (1, 0, 0.5, 4), (2, 0, 0.2, 4), (3, 0, 0.4, 4), (4, 0, 0.3, 4), (5, 1, 0.1, 2), (6, 1, 0.15, 2)]
-    assert any("keeping the student of step 2" in x for x in lines)
-    assert any("held-out: the 4-step student is 0.40000" in x and "best of this phase: 0.20000 at step 2" in x
+    assert any("keeping the student of the phase's step 2 (held-out 0.20000)" in x for x in lines)
+    assert any("keeping the student of the phase's step 1 (held-out 0.10000)" in x for x in lines)  # round 1's
+    assert any("held-out: the 4-step student is 0.40000" in x and "best of this phase: 0.20000 at its step 2" in x
+               for x in lines)
+    assert any("held-out: the 2-step student is 0.15000" in x and "best of this phase: 0.10000 at its step 1" in x
                for x in lines)
     kept, _ = load_student(work / "phase-0", torch.float32, "cpu")
     state = kept.state_dict()
