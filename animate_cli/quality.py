@@ -93,6 +93,20 @@ def sampler_distance(a, b) -> dict:
     return {"rmse": math.sqrt(mse), "psnr": psnr(mse), "max_abs": float(np.abs(x - y).max())}
 
 
+def paired_distance(a, b, reference) -> dict:
+    """Clip by clip (axis 0), how much closer to `reference` a is than b: each clip's RMSE for both, the mean of
+    (a's - b's) with its standard error over clips, and on how many clips a is the closer. The same clips and
+    noise for both, so the clip-to-clip spread that both share drops out of the comparison."""
+    ref = _unit(reference)
+    per = [np.sqrt(((_unit(x) - ref) ** 2).reshape(len(ref), -1).mean(axis=1)) for x in (a, b)]
+    diff = per[0] - per[1]
+    n = len(diff)
+    return {"clips": n, "rmse_a": per[0].tolist(), "rmse_b": per[1].tolist(),
+            "mean_difference": float(diff.mean()),
+            "standard_error": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+            "a_closer_on": int((diff < 0).sum())}
+
+
 # ---------------------------------------------------------------- held-out data of a model
 def packaged_folder(name: str) -> Path | None:
     """The folder of a model shipped under animate_cli/weights/, or None."""
@@ -233,7 +247,9 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
                         "student": len(grid) - 1},
               "errors_vs_truth": {name: r["model"] for name, r in results.items()},
               "distance_to_teacher_base": {name: sampler_distance(results[name]["generated"], reference)
-                                           for name in ("teacher_steps", "student")}}
+                                           for name in ("teacher_steps", "student")},
+              "student_vs_teacher_steps": paired_distance(results["student"]["generated"],
+                                                          results["teacher_steps"]["generated"], reference)}
     report["errors_vs_truth"]["still_frame"] = results["teacher_base"]["still"]
     if stage1 is not None:
         report["stages"] = stage_distances(stage1, runs, results, n, batch, spec)

@@ -138,6 +138,25 @@ def untrained_student(model, base_steps: int, stride: int, max_guidance: float =
     return dataclasses.replace(model, unet=make_student(model.unet), extras={**model.extras, "student": meta}), base
 
 
+def test_paired_distance_compares_clip_by_clip():
+    reference = np.zeros((3, 2, 4, 4, 3))
+    a, b = reference.copy(), reference.copy()
+    a[0] += 0.1  # clip 0: a is 0.1 away, b 0.2; clip 1: a 0.3, b 0.1; clip 2: both 0.05
+    b[0] += 0.2
+    a[1] -= 0.3
+    b[1] += 0.1
+    a[2] += 0.05
+    b[2] -= 0.05
+    p = quality.paired_distance(a, b, reference)
+    assert p["rmse_a"] == pytest.approx([0.1, 0.3, 0.05]) and p["rmse_b"] == pytest.approx([0.2, 0.1, 0.05])
+    diffs = np.array([-0.1, 0.2, 0.0])
+    assert p["mean_difference"] == pytest.approx(diffs.mean())
+    assert p["standard_error"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert p["a_closer_on"] == 1 and p["clips"] == 3
+    frames = (np.random.RandomState(0).rand(2, 2, 4, 4, 3) * 255).astype(np.uint8)  # uint8 frames count /255
+    assert quality.paired_distance(frames, frames, frames)["rmse_a"] == [0.0, 0.0]
+
+
 def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
     """An untrained student without guidance is the unguided teacher: on the student's grid it must land exactly
     where the teacher does, and the report must say so; a grid that is not the base grid's is refused."""
@@ -149,6 +168,9 @@ def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
     assert report["steps"] == {"teacher_base": 16, "teacher_steps": 4, "student": 4}
     dist = report["distance_to_teacher_base"]
     assert dist["student"] == dist["teacher_steps"] and dist["teacher_steps"]["rmse"] > 0
+    paired = report["student_vs_teacher_steps"]
+    assert paired["mean_difference"] == 0 and paired["a_closer_on"] == 0 and paired["clips"] == 2
+    assert paired["rmse_a"] == paired["rmse_b"] and min(paired["rmse_a"]) > 0
     errors = report["errors_vs_truth"]
     assert errors["student"] == errors["teacher_steps"] and errors["still_frame"]["mse"] > 0
     bad = dataclasses.replace(student, extras={**model.extras, "student": {**meta, "sigmas": [float(x) for x in
