@@ -502,6 +502,19 @@ def test_mp4_is_x264_veryfast_at_the_quality_crf(tmp_path):
     data = (tmp_path / "a.mp4").read_bytes()
     settings = data[data.index(b"x264 - core"):].split(b"\x00")[0].decode()
     assert " subme=2 " in settings and " ref=1 " in settings and " crf=15.0 " in settings
+    assert " bframes=3 " in settings and " rc_lookahead=10 " in settings  # x264's own for veryfast
+
+
+def test_mp4_takes_extra_x264_options(tmp_path, monkeypatch):
+    import torch
+
+    from animate_cli import media
+
+    monkeypatch.setattr(media, "X264_PARAMS", "bframes=1:rc-lookahead=5")
+    media.write_video(torch.randint(0, 256, (4, 64, 96, 3), dtype=torch.uint8), tmp_path / "a.mp4", "mp4", 7, 70)
+    data = (tmp_path / "a.mp4").read_bytes()
+    settings = data[data.index(b"x264 - core"):].split(b"\x00")[0].decode()
+    assert " bframes=1 " in settings and " rc_lookahead=5 " in settings and " subme=2 " in settings
 
 
 # Streaming: frames encoded as they are decoded
