@@ -48,11 +48,12 @@ low noise, where the student then learns the wrong inputs).
 Held-out check (holdout > 0): that many stills (picked by the seed) are kept out of training, and the teacher makes
 one guided video from each on the base grid (w evenly over guidance_range, its own noise), kept in
 WORKDIR/heldout-samples.safetensors with the teacher's own distance to them on every coarser grid a phase samples
-on. At each phase's end, and every eval_every steps, the student samples each held-out still on its phase's grid,
-one pass per step, from the same noise; the RMS distance in latents to the teacher's videos goes to the log and
-WORKDIR/eval.jsonl. It answers what the loss cannot: whether the student is getting closer to the teacher on
+on. At each phase's start and end, and every eval_every steps, the student samples each held-out still on its
+phase's grid, one pass per step, from the same noise; the RMS distance in latents to the teacher's videos goes to
+the log and WORKDIR/eval.jsonl. It answers what the loss cannot: whether the student is getting closer to the teacher on
 stills it never saw, or only fitting the ones it trains on. keep_best ends each phase with its best-measured
-student (kept in WORKDIR/phase-N-best while the phase runs) rather than its last.
+student (kept in WORKDIR/phase-N-best while the phase runs) rather than its last: the one it started with, when no
+step of the phase did better.
 
 Precision: "auto" runs bf16 autocast (teacher in bf16) on CUDA and float32 elsewhere; "bf16" autocasts on any
 device, the teacher's UNet staying float32 on a CPU (the weights, the optimizer and the loss stay float32 always).
@@ -1149,6 +1150,8 @@ def run(s: Session, checkpoint_every: int = 100, log_every: int = 10, log=print,
             if s.step >= total:
                 end_phase(s, log)
                 continue
+            if s.heldout is not None and s.step == 0 and s.extras.get("best") is None:
+                check_heldout(s, log)  # where the phase starts: a candidate for keep_best too
             if progress is not None:
                 progress(phase_name(c, s.phase), s.step, total)
             loss = train_step(s)

@@ -472,7 +472,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     assert result.stdout.strip().endswith("student")
     assert "2 images (and 1 held out)" in result.text and "held-out: the 2-step student is" in result.text
     checks = [json.loads(x) for x in (work / "eval.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["steps"]) for r in checks] == [(0, 4), (1, 2)]  # at each phase's end
+    assert [(r["phase"], r["step"], r["steps"]) for r in checks] == [(0, 0, 4), (0, 2, 4), (1, 0, 2), (1, 2, 2)]
     files = sorted(str(p.relative_to(student)) for p in student.rglob("*") if p.is_file())
     assert files == ["guidance_embedding.safetensors", "student.json", "unet/config.json",
                      "unet/diffusion_pytorch_model.safetensors"]
@@ -690,12 +690,13 @@ def test_heldout_stills_train_nothing_and_measure_the_student_against_the_teache
 
 def test_eval_every_logs_each_check_and_keep_best_ends_the_phase_with_the_best_even_across_a_resume(
         images, tmp_path, monkeypatch):
-    values = [0.5, 0.2, 0.4, 0.3, 0.1, 0.15]  # stage 1's checks at steps 1, 2, 3 and at its end (4); round 1's
-    scripted = iter(values)  # at its step 1 and its end
+    values = [0.9, 0.5, 0.2, 0.4, 0.3,  # stage 1's checks at its start, steps 1, 2, 3 and its end (4)
+              0.05, 0.1, 0.15]  # round 1's at its start, step 1 and end: none better than where it started
+    scripted = iter(values)
     weights = {}
 
     def distance(s):
-        weights[s.global_step] = {k: v.clone() for k, v in s.student.state_dict().items()}
+        weights[s.phase, s.global_step] = {k: v.clone() for k, v in s.student.state_dict().items()}
         return next(scripted)
 
     monkeypatch.setattr(distill, "heldout_distance", distance)
@@ -710,30 +711,32 @@ def test_eval_every_logs_each_check_and_keep_best_ends_the_phase_with_the_best_e
     distill.run(resumed, log=lines.append)
     rows = [json.loads(x) for x in (work / "eval.jsonl").read_text().splitlines()]
     assert [(r["global_step"], r["phase"], r["distance"], r["steps"]) for r in rows] == [
-        (1, 0, 0.5, 4), (2, 0, 0.2, 4), (3, 0, 0.4, 4), (4, 0, 0.3, 4), (5, 1, 0.1, 2), (6, 1, 0.15, 2)]
+        (0, 0, 0.9, 4), (1, 0, 0.5, 4), (2, 0, 0.2, 4), (3, 0, 0.4, 4), (4, 0, 0.3, 4),
+        (4, 1, 0.05, 2), (5, 1, 0.1, 2), (6, 1, 0.15, 2)]  # no second start check on resuming
     assert any("keeping the student of the phase's step 2 (held-out 0.20000)" in x for x in lines)
-    assert any("keeping the student of the phase's step 1 (held-out 0.10000)" in x for x in lines)  # round 1's
+    assert any("keeping the student of the phase's step 0 (held-out 0.05000)" in x for x in lines)  # round 1's
     assert any("held-out: the 4-step student is 0.40000" in x and "best of this phase: 0.20000 at its step 2" in x
                for x in lines)
-    assert any("held-out: the 2-step student is 0.15000" in x and "best of this phase: 0.10000 at its step 1" in x
+    assert any("held-out: the 2-step student is 0.15000" in x and "best of this phase: 0.05000 at its step 0" in x
                for x in lines)
     kept, _ = load_student(work / "phase-0", torch.float32, "cpu")
     state = kept.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in weights[2].items())
-    assert not all(torch.equal(state[k], v) for k, v in weights[4].items())
+    assert all(torch.equal(state[k], v) for k, v in weights[0, 2].items())
+    assert not all(torch.equal(state[k], v) for k, v in weights[0, 4].items())
     assert not (work / "phase-0-best").exists() and not (work / "phase-1-best").exists()
-    assert rows[4]["teacher_distance"] is not None and rows[0]["teacher_distance"] is None  # the bar on 2 steps
-    final, _ = load_student(work / "phase-1", torch.float32, "cpu")  # round 1 kept its step 1 (global step 5)
-    assert all(torch.equal(final.state_dict()[k], v) for k, v in weights[5].items())
-    assert all(torch.equal(resumed.student.state_dict()[k], v) for k, v in weights[5].items())  # what export writes
+    assert rows[5]["teacher_distance"] is not None and rows[0]["teacher_distance"] is None  # the bar on 2 steps
+    final, _ = load_student(work / "phase-1", torch.float32, "cpu")  # round 1 kept where it started: stage 1's
+    assert all(torch.equal(final.state_dict()[k], v) for k, v in weights[0, 2].items())  # kept student (step 2)
+    assert all(torch.equal(resumed.student.state_dict()[k], v) for k, v in weights[0, 2].items())  # what export writes
+    assert not all(torch.equal(final.state_dict()[k], v) for k, v in weights[1, 6].items())
 
     last = tmp_path / "last"  # --keep-last (the default): the phase ends with its last student, checked all the same
     scripted = iter(values)
     plain = distill.open_session(dict(options, keep_best=False), images, last, torch.device("cpu"))
     distill.run(plain, log=lambda m: None)
     kept, _ = load_student(last / "phase-0", torch.float32, "cpu")
-    assert all(torch.equal(kept.state_dict()[k], v) for k, v in weights[4].items())
-    assert len((last / "eval.jsonl").read_text().splitlines()) == 6 and not (last / "phase-0-best").exists()
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in weights[0, 4].items())
+    assert len((last / "eval.jsonl").read_text().splitlines()) == 8 and not (last / "phase-0-best").exists()
 
 
 def test_precision_sets_the_autocast_and_may_change_on_resume(images, tmp_path):

@@ -82,14 +82,16 @@ def distill(
     holdout: Annotated[int | None, typer.Option(
         "--holdout", min=0, help="Stills kept out of training (picked by --seed): the teacher makes a video from "
         "each, and the student's distance to those videos, sampling on its phase's grid from the same noise, is "
-        "measured at each phase's end (and every --eval-every steps), logged and kept in WORKDIR/eval.jsonl [0].")]
+        "measured at each phase's start and end (and every --eval-every steps), logged and kept in "
+        "WORKDIR/eval.jsonl [0].")]
     = None,
     eval_every: Annotated[int | None, typer.Option(
         "--eval-every", min=0, help="Measure the held-out distance every this many steps as well (needs "
-        "--holdout) [0: at each phase's end only].")] = None,
+        "--holdout) [0: at each phase's start and end only].")] = None,
     keep_best: Annotated[bool | None, typer.Option(
         "--keep-best/--keep-last", help="End each phase with its student that measured closest on the held-out "
-        "stills rather than its last (needs --holdout) \\[keep-last].", show_default=False)] = None,
+        "stills (the one it started with, if none did better) rather than its last (needs --holdout) "
+        "\\[keep-last].", show_default=False)] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
