@@ -49,9 +49,10 @@ Held-out check (holdout > 0): that many stills (picked by the seed) are kept out
 one guided video from each on the base grid (w evenly over guidance_range, its own noise), kept in
 WORKDIR/heldout-samples.safetensors with the teacher's own distance to them on every coarser grid a phase samples
 on. At each phase's start and end, and every eval_every steps, the student samples each held-out still on its
-phase's grid, one pass per step, from the same noise; the RMS distance in latents to the teacher's videos goes to
-the log and WORKDIR/eval.jsonl. It answers what the loss cannot: whether the student is getting closer to the teacher on
-stills it never saw, or only fitting the ones it trains on. keep_best ends each phase with its best-measured
+phase's grid, one pass per step, from the same noise; the RMSE of its decoded frames to the teacher's (0 to 1, as
+benchmarks/tiny_motion_distillation.py measures) goes to the log and WORKDIR/eval.jsonl. It answers what the
+loss cannot: whether the student is getting closer to the teacher on stills it never saw, or only fitting the ones
+it trains on. keep_best ends each phase with its best-measured
 student (kept in WORKDIR/phase-N-best while the phase runs) rather than its last: the one it started with, when no
 step of the phase did better.
 
@@ -89,6 +90,7 @@ CHECKPOINT = "checkpoint.safetensors"
 LOSS_LOG = "loss.jsonl"
 SAMPLES_FILE = "teacher-samples.safetensors"
 HELDOUT_FILE = "heldout-samples.safetensors"
+DECODE_CHUNK = 8  # the held-out check decodes as the presets do
 EVAL_LOG = "eval.jsonl"
 FINAL_SAMPLER = "euler"  # one DDIM step per grid interval: what stage 2 distils
 DATA_SOURCES = ("teacher", "stills")
@@ -567,11 +569,13 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
 @dataclass
 class Heldout:
     """The stills kept out of training (holdout), with one teacher video each: the teacher's guided Euler sample on
-    the base grid from `noise` (unit variance, x sigma_max to start), at guidance w; `teacher` maps each coarser
-    grid a phase samples on (its step count) to the teacher's own distance there, sampled the same way."""
+    the base grid from `noise` (unit variance, x sigma_max to start), at guidance w, and its frames as the pipeline
+    decodes them; `teacher` maps each coarser grid a phase samples on (its step count) to the teacher's own
+    distance there, sampled the same way (RMSE of the frames, 0 to 1)."""
     data: Data
     noise: torch.Tensor  # [N, F, C, h, w]
-    videos: torch.Tensor  # [N, F, C, h, w] float32
+    videos: torch.Tensor  # [N, F, C, h, w] float32 latents
+    frames: torch.Tensor  # [N, F, H, W, 3] uint8
     w: torch.Tensor  # [N]
     teacher: dict[int, float]
 
@@ -610,6 +614,24 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).pow(2).mean().sqrt().item()
 
 
+def frame_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMSE of two uint8 videos on a 0-to-1 scale, as the distillation benchmark measures it."""
+    return rms(a, b) / 255
+
+
+@torch.no_grad()
+def decode_frames(s: Session, latents: torch.Tensor) -> torch.Tensor:
+    """uint8 frames [N, F, H, W, 3] of latents [N, F, C, h, w], decoded as the pipeline decodes (DECODE_CHUNK
+    frames per VAE call), on the CPU."""
+    from types import SimpleNamespace
+
+    from animate_cli.pipeline import decode
+
+    with s.autocast():
+        return torch.cat([decode(SimpleNamespace(vae=s.vae), v[None].to(s.device), DECODE_CHUNK).cpu()
+                          for v in latents])
+
+
 @torch.no_grad()
 def attach_heldout(s: Session, data: Data, log=print) -> None:
     """The held-out stills (`data`, encoded): load WORKDIR/heldout-samples.safetensors if it matches this run, else
@@ -619,7 +641,7 @@ def attach_heldout(s: Session, data: Data, log=print) -> None:
 
     c = s.config
     want = {**samples_fingerprint(c, data, base_sigmas(c, s.scheduler_config)), "holdout": c.holdout,
-            "grids": heldout_grids(c)}
+            "grids": heldout_grids(c), "decode_chunk": DECODE_CHUNK}
     del want["samples_per_image"]
     path = s.workdir / HELDOUT_FILE
     if path.is_file():
@@ -628,7 +650,7 @@ def attach_heldout(s: Session, data: Data, log=print) -> None:
         if json.loads(meta.get("fingerprint", "null")) == want:
             t = load_file(str(path))
             teacher = {int(k): v for k, v in json.loads(meta["teacher"]).items()}
-            s.heldout = Heldout(data, t["noise"], t["videos"], t["w"], teacher)
+            s.heldout = Heldout(data, t["noise"], t["videos"], t["frames"], t["w"], teacher)
             return
         log(f"{path.name} was made for another run: making it again")
     n = len(data.names)
@@ -647,12 +669,14 @@ def attach_heldout(s: Session, data: Data, log=print) -> None:
 
         runs[steps] = sample_heldout(s, data, noise, w, sig, teacher_x0)
     videos = runs[c.base_steps]
-    teacher = {steps: rms(v, videos) for steps, v in runs.items() if steps != c.base_steps}
+    frames = {steps: decode_frames(s, v) for steps, v in runs.items()}
+    teacher = {steps: frame_distance(f, frames[c.base_steps]) for steps, f in frames.items() if steps != c.base_steps}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"noise": noise.contiguous(), "videos": videos.contiguous(), "w": w.contiguous()}, str(tmp),
+    tensors = {"noise": noise, "videos": videos, "frames": frames[c.base_steps], "w": w}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"fingerprint": json.dumps(want), "teacher": json.dumps(teacher)})
     tmp.replace(path)
-    s.heldout = Heldout(data, noise, videos, w, teacher)
+    s.heldout = Heldout(data, noise, videos, frames[c.base_steps], w, teacher)
 
 
 def sample_heldout(s: Session, data: Data, noise: torch.Tensor, w: torch.Tensor, sig: torch.Tensor,
@@ -671,8 +695,8 @@ def sample_heldout(s: Session, data: Data, noise: torch.Tensor, w: torch.Tensor,
 
 @torch.no_grad()
 def heldout_distance(s: Session) -> float:
-    """RMS distance (in latents) of the student of the current phase, sampling each held-out still with Euler on
-    the phase's grid, one pass per step, to the teacher's video from the same noise."""
+    """How far the student of the current phase, sampling each held-out still with Euler on the phase's grid, one
+    pass per step, lands from the teacher's video from the same noise: RMSE of the decoded frames (0 to 1)."""
     c, h = s.config, s.heldout
     sig = grid(c, s.scheduler_config, c.student_steps(s.phase)).to(s.device)
 
@@ -684,7 +708,7 @@ def heldout_distance(s: Session) -> float:
     was_training = s.student.training
     s.student.eval()
     try:
-        return rms(sample_heldout(s, h.data, h.noise, h.w, sig, student_x0), h.videos)
+        return frame_distance(decode_frames(s, sample_heldout(s, h.data, h.noise, h.w, sig, student_x0)), h.frames)
     finally:
         s.student.train(was_training)
 
@@ -847,6 +871,7 @@ class Session:
     teacher_dtype: torch.dtype = torch.float32
     last_loss: float | None = None
     heldout: Heldout | None = None  # holdout > 0: the stills and teacher videos the student is measured on
+    vae: torch.nn.Module | None = None  # holdout > 0: the VAE, to decode what the check samples
     extras: dict = field(default_factory=dict)
 
     @property
@@ -922,11 +947,12 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
     student = student.float().train().requires_grad_(True)
     base = torch.nn.Module.to(model.unet, dtype=teacher_dtype).eval().requires_grad_(False)  # no diffusers warning
     sigma_range = {k: float(model.scheduler_config[k]) for k in ("sigma_min", "sigma_max")}
+    vae = model.vae.eval().requires_grad_(False) if held_data is not None else None  # the check decodes
     del model
     if c.gradient_checkpointing or (c.gradient_checkpointing is None and device.type == "cuda"):
         student.enable_gradient_checkpointing()
     s = Session(config=c, workdir=workdir, device=device, data=data, scheduler_config=sigma_range,
-                base_unet=base, student=student, teacher_dtype=teacher_dtype)
+                base_unet=base, student=student, teacher_dtype=teacher_dtype, vae=vae)
     s.extras["model_source"] = c.model
     s.optimizer = new_optimizer(c, student)
     if saved is not None:
