@@ -52,9 +52,8 @@ on. At each phase's start and end, and every eval_every steps, the student sampl
 phase's grid, one pass per step, from the same noise; the RMSE of its decoded frames to the teacher's (0 to 1, as
 benchmarks/tiny_motion_distillation.py measures) goes to the log and WORKDIR/eval.jsonl. It answers what the
 loss cannot: whether the student is getting closer to the teacher on stills it never saw, or only fitting the ones
-it trains on. keep_best ends each phase with its best-measured
-student (kept in WORKDIR/phase-N-best while the phase runs) rather than its last: the one it started with, when no
-step of the phase did better.
+it trains on. keep_best ends each phase with its best-measured student (kept in WORKDIR/phase-N-best while the
+phase runs) rather than its last: the one it started with, when no step of the phase did better.
 
 Precision: "auto" runs bf16 autocast (teacher in bf16) on CUDA and float32 elsewhere; "bf16" autocasts on any
 device, the teacher's UNet staying float32 on a CPU (the weights, the optimizer and the loss stay float32 always).
@@ -139,7 +138,7 @@ class DistillConfig:
     match_lr: float | None = None  # stage 3's learning rate (None: lr)
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; "bf16" (autocast anywhere); "fp32"
     holdout: int = 0  # stills kept out of training: the student's distance to the teacher's videos from them
-    eval_every: int = 0  # measure that distance every this many steps (0: at each phase's end only)
+    eval_every: int = 0  # measure that distance every this many steps (0: at each phase's start and end only)
     keep_best: bool = False  # each phase ends with its best-measured student rather than its last
 
     @property
@@ -574,7 +573,6 @@ class Heldout:
     distance there, sampled the same way (RMSE of the frames, 0 to 1)."""
     data: Data
     noise: torch.Tensor  # [N, F, C, h, w]
-    videos: torch.Tensor  # [N, F, C, h, w] float32 latents
     frames: torch.Tensor  # [N, F, H, W, 3] uint8
     w: torch.Tensor  # [N]
     teacher: dict[int, float]
@@ -650,7 +648,7 @@ def attach_heldout(s: Session, data: Data, log=print) -> None:
         if json.loads(meta.get("fingerprint", "null")) == want:
             t = load_file(str(path))
             teacher = {int(k): v for k, v in json.loads(meta["teacher"]).items()}
-            s.heldout = Heldout(data, t["noise"], t["videos"], t["frames"], t["w"], teacher)
+            s.heldout = Heldout(data, t["noise"], t["frames"], t["w"], teacher)
             return
         log(f"{path.name} was made for another run: making it again")
     n = len(data.names)
@@ -668,15 +666,14 @@ def attach_heldout(s: Session, data: Data, log=print) -> None:
             return x0_from_v(x, sigma.expand(len(x)), v)
 
         runs[steps] = sample_heldout(s, data, noise, w, sig, teacher_x0)
-    videos = runs[c.base_steps]
     frames = {steps: decode_frames(s, v) for steps, v in runs.items()}
     teacher = {steps: frame_distance(f, frames[c.base_steps]) for steps, f in frames.items() if steps != c.base_steps}
     tmp = path.with_name(f".{path.name}.tmp")
-    tensors = {"noise": noise, "videos": videos, "frames": frames[c.base_steps], "w": w}
+    tensors = {"noise": noise, "frames": frames[c.base_steps], "w": w}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"fingerprint": json.dumps(want), "teacher": json.dumps(teacher)})
     tmp.replace(path)
-    s.heldout = Heldout(data, noise, videos, frames[c.base_steps], w, teacher)
+    s.heldout = Heldout(data, noise, frames[c.base_steps], w, teacher)
 
 
 def sample_heldout(s: Session, data: Data, noise: torch.Tensor, w: torch.Tensor, sig: torch.Tensor,

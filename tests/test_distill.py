@@ -666,14 +666,13 @@ def test_heldout_stills_train_nothing_and_measure_the_student_against_the_teache
     cond = Conditioning(h.data.embeds, h.data.image_latents, h.data.time_ids)
     settings = Settings(width=32, height=32, frames=2, steps=4, fps=7, motion=127, noise_aug=0.02, min_guidance=1.0,
                         max_guidance=w, decode_chunk=2, sampler="euler", schedule="karras")
-    expected = sample_euler(make_denoiser(model, cond, settings), noise[None] * base[0], base)
-    assert torch.allclose(h.videos, expected, atol=1e-4 * (1 + expected.abs().max().item()))
-    assert torch.equal(h.frames, decode(model, h.videos, 8))  # its frames, as the pipeline decodes them
+    expected = decode(model, sample_euler(make_denoiser(model, cond, settings), noise[None] * base[0], base), 8)
+    assert (h.frames.int() - expected.int()).abs().max() <= 1  # its frames, as the pipeline decodes them
     # the teacher's own distance on the final grid: its guided Euler steps on every 2nd point, in frames (0 to 1)
     coarse = sample_euler(make_denoiser(model, cond, settings), noise[None] * base[0], base[::2])
     frames = decode(model, coarse, 8)
-    expected_bar = ((frames.double() - h.frames.double()) / 255).pow(2).mean().sqrt().item()
-    assert list(h.teacher) == [2] and h.teacher[2] == pytest.approx(expected_bar, rel=1e-6) and expected_bar > 0
+    expected_bar = ((frames.double() - expected.double()) / 255).pow(2).mean().sqrt().item()
+    assert list(h.teacher) == [2] and h.teacher[2] == pytest.approx(expected_bar, rel=1e-2) and expected_bar > 0
     # the untrained student is the unguided teacher: it misses guidance 2 on the held-out video
     assert distill.heldout_distance(s) > 0.2 * h.teacher[2]
 
@@ -681,7 +680,7 @@ def test_heldout_stills_train_nothing_and_measure_the_student_against_the_teache
         m.setattr(distill, "sample_heldout", lambda *a, **k: pytest.fail("the held-out videos should be reused"))
         again = distill.open_session(dict(OPTIONS, holdout=1, samples_per_image=1), images, work,
                                      torch.device("cpu"))
-    assert torch.equal(again.heldout.videos, h.videos) and again.heldout.teacher == h.teacher
+    assert torch.equal(again.heldout.frames, h.frames) and again.heldout.teacher == h.teacher
 
     # at guidance 1 the guided teacher is its conditional pass, so the untrained student samples the same video
     one = distill.open_session(dict(OPTIONS, holdout=1, guidance_range=(1.0, 1.0), samples_per_image=1), images,
