@@ -603,18 +603,9 @@ def heldout_grids(c: DistillConfig) -> list[int]:
     return sorted({c.student_steps(p) for p in range(c.last_phase + 1)}, reverse=True)
 
 
-@torch.no_grad()
-def euler_from(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    return sample_euler(denoise, noise * sigmas[0], sigmas).float()
-
-
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).pow(2).mean().sqrt().item()
-
-
 def frame_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """RMSE of two uint8 videos on a 0-to-1 scale, as the distillation benchmark measures it."""
-    return rms(a, b) / 255
+    return (a.float() - b.float()).pow(2).mean().sqrt().item() / 255
 
 
 @torch.no_grad()
@@ -656,17 +647,14 @@ def attach_heldout(s: Session, data: Data, log=print) -> None:
     draws = [heldout_draw(c, j, (c.frames, *data.x0.shape[1:])) for j in range(n)]
     w = torch.tensor([d[0] for d in draws])
     noise = torch.stack([d[1] for d in draws])
-    runs = {}
-    for steps in heldout_grids(c):
-        sig = grid(c, s.scheduler_config, steps).to(s.device)
 
-        def teacher_x0(x, sigma, batch):
-            with s.autocast():
-                v = guided_teacher_v(s.base_unet, batch, x, sigma.expand(len(x)), c.min_guidance, s.teacher_dtype)
-            return x0_from_v(x, sigma.expand(len(x)), v)
+    def teacher_x0(x, sigma, batch):
+        with s.autocast():
+            v = guided_teacher_v(s.base_unet, batch, x, sigma.expand(len(x)), c.min_guidance, s.teacher_dtype)
+        return x0_from_v(x, sigma.expand(len(x)), v)
 
-        runs[steps] = sample_heldout(s, data, noise, w, sig, teacher_x0)
-    frames = {steps: decode_frames(s, v) for steps, v in runs.items()}
+    frames = {steps: decode_frames(s, sample_heldout(s, data, noise, w, steps, teacher_x0))
+              for steps in heldout_grids(c)}
     teacher = {steps: frame_distance(f, frames[c.base_steps]) for steps, f in frames.items() if steps != c.base_steps}
     tmp = path.with_name(f".{path.name}.tmp")
     tensors = {"noise": noise, "frames": frames[c.base_steps], "w": w}
@@ -676,17 +664,18 @@ def attach_heldout(s: Session, data: Data, log=print) -> None:
     s.heldout = Heldout(data, noise, frames[c.base_steps], w, teacher)
 
 
-def sample_heldout(s: Session, data: Data, noise: torch.Tensor, w: torch.Tensor, sig: torch.Tensor,
-                   x0_fn) -> torch.Tensor:
-    """Each held-out still's video, Euler on `sig` from its noise; x0_fn(x, sigma, batch) -> x0. float32, CPU."""
+def sample_heldout(s: Session, data: Data, noise: torch.Tensor, w: torch.Tensor, steps: int, x0_fn) -> torch.Tensor:
+    """Each held-out still's video, Euler on the `steps`-step grid from its noise; x0_fn(x, sigma, batch) -> x0.
+    float32, on the CPU."""
+    sig = grid(s.config, s.scheduler_config, steps).to(s.device)
     out = []
     for start in range(0, len(noise), s.config.batch_size):
         pick = torch.arange(start, min(start + s.config.batch_size, len(noise)))
         b = len(pick)
         batch = Batch(index=pick, w=w[pick].to(s.device), k=torch.zeros(b, dtype=torch.long),
                       sigma=sig[:1].expand(b), z=torch.empty(0), **conditioning(data, pick, s.config.frames, s.device))
-        out.append(euler_from(lambda x, sigma, batch=batch: x0_fn(x, sigma, batch), noise[pick].to(s.device),
-                              sig).cpu())
+        out.append(sample_euler(lambda x, sigma, batch=batch: x0_fn(x, sigma, batch),
+                                noise[pick].to(s.device) * sig[0], sig).float().cpu())
     return torch.cat(out)
 
 
@@ -694,8 +683,7 @@ def sample_heldout(s: Session, data: Data, noise: torch.Tensor, w: torch.Tensor,
 def heldout_distance(s: Session) -> float:
     """How far the student of the current phase, sampling each held-out still with Euler on the phase's grid, one
     pass per step, lands from the teacher's video from the same noise: RMSE of the decoded frames (0 to 1)."""
-    c, h = s.config, s.heldout
-    sig = grid(c, s.scheduler_config, c.student_steps(s.phase)).to(s.device)
+    h = s.heldout
 
     def student_x0(x, sigma, batch):
         with s.autocast():
@@ -705,7 +693,8 @@ def heldout_distance(s: Session) -> float:
     was_training = s.student.training
     s.student.eval()
     try:
-        return frame_distance(decode_frames(s, sample_heldout(s, h.data, h.noise, h.w, sig, student_x0)), h.frames)
+        video = sample_heldout(s, h.data, h.noise, h.w, s.config.student_steps(s.phase), student_x0)
+        return frame_distance(decode_frames(s, video), h.frames)
     finally:
         s.student.train(was_training)
 
