@@ -140,6 +140,7 @@ class DistillConfig:
     holdout: int = 0  # stills kept out of training: the student's distance to the teacher's videos from them
     eval_every: int = 0  # measure that distance every this many steps (0: at each phase's start and end only)
     keep_best: bool = False  # each phase ends with its best-measured student rather than its last
+    ema: float = 0.0  # each phase ends with an exponential moving average of its weights, this decay (0: its last)
 
     @property
     def base_steps(self) -> int:
@@ -221,6 +222,9 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"--precision {c.precision!r}: choose {', '.join(PRECISIONS)}")
     if c.holdout < 0 or c.eval_every < 0:
         raise AnimateError("--holdout and --eval-every must be at least 0")
+    if not 0 <= c.ema < 1:
+        raise AnimateError(f"--ema must be at least 0 and below 1 (0.999: average over about the last 1,000 "
+                           f"steps; 0: no average), got {c.ema}")
     if (c.eval_every or c.keep_best) and not c.holdout:
         raise AnimateError(f"{'--eval-every' if c.eval_every else '--keep-best'} needs --holdout N: the stills "
                            "whose teacher videos the student is measured against")
@@ -693,7 +697,8 @@ def heldout_distance(s: Session) -> float:
     was_training = s.student.training
     s.student.eval()
     try:
-        video = sample_heldout(s, h.data, h.noise, h.w, s.config.student_steps(s.phase), student_x0)
+        with averaged(s):
+            video = sample_heldout(s, h.data, h.noise, h.w, s.config.student_steps(s.phase), student_x0)
         return frame_distance(decode_frames(s, video), h.frames)
     finally:
         s.student.train(was_training)
@@ -729,7 +734,8 @@ def check_heldout(s: Session, log=print) -> float:
         folder = best_folder(s.workdir, s.phase)
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_student(s.student, tmp, sampler_config(s, s.phase))
+        with averaged(s):
+            save_student(s.student, tmp, sampler_config(s, s.phase))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return d
@@ -858,6 +864,7 @@ class Session:
     last_loss: float | None = None
     heldout: Heldout | None = None  # holdout > 0: the stills and teacher videos the student is measured on
     vae: torch.nn.Module | None = None  # holdout > 0: the VAE, to decode what the check samples
+    ema: dict[str, torch.Tensor] | None = None  # config.ema > 0: the phase's averaged weights (float32)
     extras: dict = field(default_factory=dict)
 
     @property
@@ -1028,6 +1035,7 @@ def save_checkpoint(s: Session) -> Path:
         "last_loss": s.last_loss,
         "student": s.student.state_dict(),
         "optimizer": s.optimizer.state_dict() if s.optimizer is not None else None,
+        "ema": s.ema,
         "rng": rng,
     }
     save_checkpoint_file(path, data)  # atomic: a crash mid-save leaves the previous checkpoint intact
@@ -1040,6 +1048,8 @@ def restore(s: Session, data: dict) -> None:
     s.student.load_state_dict(data["student"], strict=True)
     if data.get("optimizer") is not None:
         s.optimizer.load_state_dict(data["optimizer"])
+    if data.get("ema") is not None:
+        s.ema = {k: v.to(s.device) for k, v in data["ema"].items()}
     torch.set_rng_state(data["rng"]["torch"])
     if "cuda" in data["rng"] and s.device.type == "cuda":
         torch.cuda.set_rng_state(data["rng"]["cuda"], s.device)
@@ -1063,6 +1073,41 @@ def trim_loss_log(workdir: Path, global_step: int, name: str = LOSS_LOG) -> None
     path.write_text("".join(k + "\n" for k in kept))
 
 
+# ---------------------------------------------------------------- weight averaging
+def ema_decay(c: DistillConfig, step: int) -> float:
+    """The decay of the average at the phase's `step`-th update (1-based): c.ema, warmed up as (1 + step) /
+    (10 + step), so that a phase's first updates do not keep it near the weights the phase started with."""
+    return min(c.ema, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(s: Session) -> None:
+    """After an optimizer step: fold the student's weights into the phase's average (started, at the phase's
+    first step, from the weights before it)."""
+    decay = ema_decay(s.config, s.step)
+    for name, value in s.student.state_dict().items():
+        average = s.ema[name]
+        if average.is_floating_point():
+            average.lerp_(value.detach().float(), 1.0 - decay)
+        else:
+            average.copy_(value)
+
+
+@contextlib.contextmanager
+def averaged(s: Session):
+    """The student holds the phase's averaged weights inside the block, its own after it (nothing to do without
+    an average)."""
+    if s.ema is None:
+        yield
+        return
+    live = {k: v.detach().clone() for k, v in s.student.state_dict().items()}
+    s.student.load_state_dict(s.ema, strict=True)
+    try:
+        yield
+    finally:
+        s.student.load_state_dict(live, strict=True)
+
+
 # ---------------------------------------------------------------- training
 def train_step(s: Session, batch: Batch | None = None) -> float:
     """One optimizer step on `batch` (default: the step's own batch); advances the counters."""
@@ -1074,6 +1119,8 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
             batch = draw_path_batch(c, s.data, s.sigmas, s.global_step + 1, s.device, s.phase)
         else:
             batch = draw_batch(c, s.data, s.sigmas, s.global_step + 1, s.device, s.phase)
+    if c.ema > 0 and s.ema is None:  # the phase's first step
+        s.ema = {k: v.detach().float().clone() for k, v in s.student.state_dict().items()}
     s.student.train()
     loss = batch_loss(s, batch)
     s.optimizer.zero_grad(set_to_none=True)
@@ -1087,6 +1134,8 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
     s.optimizer.step()
     s.step += 1
     s.global_step += 1
+    if s.ema is not None:
+        update_ema(s)
     s.last_loss = loss.item()
     s.extras["last_batch"] = {"sigma": batch.sigma.mean().item(), "w": batch.w.mean().item()}
     return s.last_loss
@@ -1123,6 +1172,7 @@ def sampler_config(s: Session, phase: int) -> dict:
                          "precision": c.precision, "images": len(s.data.names), "data": c.data,
                          "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
                          "match_steps": c.match_steps, "match_lr": c.match_lr if c.match_steps else None,
+                         "ema": c.ema,
                          "global_step": s.global_step},
     }
 
@@ -1133,6 +1183,9 @@ def sampling_record(c: DistillConfig, sampling: str):
 
 
 def end_phase(s: Session, log) -> None:
+    if s.ema is not None:  # the phase ends with its average
+        s.student.load_state_dict(s.ema, strict=True)
+        s.ema = None
     if s.heldout is not None:
         check_heldout(s, log)
         if s.config.keep_best:

@@ -739,6 +739,63 @@ def test_eval_every_logs_each_check_and_keep_best_ends_the_phase_with_the_best_e
     assert len((last / "eval.jsonl").read_text().splitlines()) == 8 and not (last / "phase-0-best").exists()
 
 
+def test_ema_ends_each_phase_with_the_average_of_its_weights_and_the_checks_measure_it(images, tmp_path,
+                                                                                      monkeypatch):
+    options = dict(OPTIONS, stage1_steps=4, ema=0.2, holdout=1, eval_every=1, samples_per_image=1)
+    checked = []
+
+    def sample(s, data, noise, w, steps, x0_fn):  # the held-out check: which weights does it sample with?
+        checked.append({k: v.clone() for k, v in s.student.state_dict().items()})
+        return noise
+
+    monkeypatch.setattr(distill, "sample_heldout", sample)
+    s = distill.open_session(options, images, tmp_path / "work", torch.device("cpu"))
+    weights = [{k: v.clone() for k, v in s.student.state_dict().items()}]
+    for _ in range(4):
+        distill.train_step(s)
+        weights.append({k: v.clone() for k, v in s.student.state_dict().items()})
+    average = {k: v.clone() for k, v in weights[0].items()}  # by hand: decay (1 + n) / (10 + n), at most 0.2
+    for n in range(1, 5):
+        decay = min(0.2, (1 + n) / (10 + n))
+        assert decay == distill.ema_decay(s.config, n)
+        average = {k: decay * average[k] + (1 - decay) * weights[n][k] for k in average}
+    assert [round(distill.ema_decay(s.config, n), 4) for n in range(1, 5)] == [0.1818, 0.2, 0.2, 0.2]
+    assert all(torch.allclose(s.ema[k], average[k], rtol=0, atol=1e-6) for k in average)
+    assert not all(torch.allclose(average[k], weights[4][k], rtol=0, atol=1e-4) for k in average)  # not the last
+    distill.check_heldout(s, log=lambda m: None)
+    assert all(torch.equal(checked[-1][k], s.ema[k]) for k in average)  # the check measured the average ...
+    assert all(torch.equal(s.student.state_dict()[k], weights[4][k]) for k in average)  # ... and put the live back
+    distill.end_phase(s, log=lambda m: None)
+    kept, _ = load_student(tmp_path / "work" / "phase-0", torch.float32, "cpu")
+    assert all(torch.equal(kept.state_dict()[k], s.student.state_dict()[k]) for k in average)
+    assert all(torch.allclose(kept.state_dict()[k], average[k], rtol=0, atol=1e-6) for k in average)
+    assert s.ema is None and s.phase == 1  # round 1 starts its own average from the kept weights
+    start = {k: v.clone() for k, v in s.student.state_dict().items()}
+    distill.train_step(s)
+    decay = 2 / 11
+    assert all(torch.allclose(s.ema[k], decay * start[k] + (1 - decay) * s.student.state_dict()[k], rtol=0,
+                              atol=1e-6) for k in average)
+    with pytest.raises(AnimateError, match="--ema 0.5 differs from the run"):
+        distill.open_session(dict(options, ema=0.5), images, tmp_path / "work", torch.device("cpu"))
+
+
+def test_ema_resumes_to_the_same_average(images, tmp_path):
+    options = dict(OPTIONS, stage1_steps=4, ema=0.2)
+    straight = distill.open_session(options, images, tmp_path / "a", torch.device("cpu"))
+    distill.run(straight, until=6, log=lambda m: None)  # stage 1, then 2 steps of round 1
+    first = distill.open_session(options, images, tmp_path / "b", torch.device("cpu"))
+    distill.run(first, until=2, log=lambda m: None)  # stops mid stage 1 (the checkpoint holds the average)
+    resumed = distill.open_session(options, images, tmp_path / "b", torch.device("cpu"))
+    assert resumed.ema is not None and all(torch.equal(resumed.ema[k], v) for k, v in first.ema.items())
+    distill.run(resumed, until=6, log=lambda m: None)
+    for name in ("phase-0",):
+        a, _ = load_student(tmp_path / "a" / name, torch.float32, "cpu")
+        b, _ = load_student(tmp_path / "b" / name, torch.float32, "cpu")
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert all(torch.equal(straight.ema[k], resumed.ema[k]) for k in straight.ema)
+    assert all(torch.equal(straight.student.state_dict()[k], v) for k, v in resumed.student.state_dict().items())
+
+
 def test_precision_sets_the_autocast_and_may_change_on_resume(images, tmp_path):
     work = tmp_path / "work"
     s = distill.open_session(dict(OPTIONS, stage1_steps=4), images, work, torch.device("cpu"))
@@ -817,6 +874,7 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"holdout": 3}, "--holdout 3: the folder holds 3 stills; hold out fewer"),
     ({"eval_every": 5}, "--eval-every needs --holdout N"),
     ({"keep_best": True}, "--keep-best needs --holdout N"),
+    ({"ema": 1.0}, "--ema must be at least 0 and below 1"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):
