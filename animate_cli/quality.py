@@ -191,7 +191,8 @@ def random_twin(model, seed: int = 0):
 
 # ---------------------------------------------------------------- a distilled student against its teacher
 def distillation_report(teacher, student, n: int = 32, max_guidance: float | None = None,
-                        min_guidance: float | None = None, batch: int = 8, stage1=None, before_match=None) -> dict:
+                        min_guidance: float | None = None, batch: int = 8, stage1=None, before_match=None,
+                        teacher_samplers: tuple[str, ...] = ()) -> dict:
     """On n held-out clips of the teacher's held-out data, from the same seeds (video i: seed i): the teacher
     with guidance (two passes) and Euler (DDIM) on the base grid the student was distilled from ("teacher_base",
     e.g. 32 steps), the teacher the same way on the student's grid ("teacher_steps", e.g. 8: every 4th point of
@@ -207,7 +208,11 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
     rounds lose), beside stage 1 taking the student's steps without them (what plain Euler would lose).
 
     `before_match`, the same run's student before stage 3 (WORKDIR/phase-ROUNDS, on the student's grid), adds
-    "before_match": its distance to teacher_base and its errors against the truth, to set beside the student's."""
+    "before_match": its distance to teacher_base and its errors against the truth, to set beside the student's.
+
+    `teacher_samplers` (names in animate_cli.sampling.SAMPLERS) adds "teacher_samplers": the teacher, guided, with
+    each of those samplers on the student's grid, and its distance to teacher_base and errors against the truth:
+    whether another sampler at the student's step count would be a higher bar than Euler's."""
     import dataclasses
 
     from animate_cli.pipeline import Settings
@@ -251,6 +256,14 @@ def distillation_report(teacher, student, n: int = 32, max_guidance: float | Non
               "student_vs_teacher_steps": paired_distance(results["student"]["generated"],
                                                           results["teacher_steps"]["generated"], reference)}
     report["errors_vs_truth"]["still_frame"] = results["teacher_base"]["still"]
+    if teacher_samplers:
+        report["teacher_samplers"] = {}
+        for name in teacher_samplers:
+            r = evaluate(teacher, dataclasses.replace(runs["teacher_steps"][1], sampler=name), n=n, batch=batch,
+                         spec=spec)
+            report["teacher_samplers"][name] = {"distance_to_teacher_base": sampler_distance(r["generated"],
+                                                                                             reference),
+                                                "errors_vs_truth": r["model"]}
     if stage1 is not None:
         report["stages"] = stage_distances(stage1, runs, results, n, batch, spec)
     if before_match is not None:

@@ -2,7 +2,7 @@
 teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-out clips, from the same noise.
 
     python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH] [--stage1 FOLDER]
-        [--before FOLDER]
+        [--before FOLDER] [--teacher-samplers A,B]
     python benchmarks/tiny_motion_distillation.py --write-stills FOLDER [--stills N]  # the stills distilled on
 
 STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32. The stills are the
@@ -24,6 +24,7 @@ import torch
 
 from animate_cli import __version__, quality
 from animate_cli.models import load_model, packaged_model
+from animate_cli.sampling import SAMPLERS
 from animate_cli.student import attach_student
 
 STILLS = 384  # how many stills the shipped student was distilled on
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--stage1", default=None, metavar="FOLDER")
     parser.add_argument("--before", default=None, metavar="FOLDER")
     parser.add_argument("--stills", type=int, default=STILLS, metavar="N")
+    parser.add_argument("--teacher-samplers", default="", metavar="A,B",
+                        help="also the teacher with these samplers (e.g. dpmpp_2m,heun) on the student's grid")
     args = parser.parse_args()
     if args.write_stills is not None:
         write_stills(args.write_stills, args.stills)
@@ -60,16 +63,21 @@ def main() -> None:
         made = (model.extras["student"].get("distillation") or {}) if model is not None else None
         if made and made.get("phase") != phase(made):
             parser.error(f"{flag}: that student is from phase {made.get('phase')} of its run, not {phase(made)}")
+    samplers = tuple(x for x in args.teacher_samplers.split(",") if x)
+    unknown = [x for x in samplers if x not in SAMPLERS]
+    if unknown:
+        parser.error(f"--teacher-samplers: no sampler {unknown[0]!r}; choose from {', '.join(SAMPLERS)}")
     start = time.perf_counter()
     report = quality.distillation_report(teacher, student, n=args.clips, max_guidance=args.max_guidance,
-                                         stage1=stage1, before_match=before)
+                                         stage1=stage1, before_match=before, teacher_samplers=samplers)
     meta = student.extras["student"]
     result = {
         "what": "a distilled tiny-motion student against its teacher, on held-out clips from the same noise",
         "command": "python benchmarks/tiny_motion_distillation.py " + " ".join(
             a for a in (args.student if args.student != str(packaged_model("tiny-motion") / "student") else "",
                         f"--clips {args.clips}", f"--stage1 {args.stage1}" if args.stage1 else "",
-                        f"--before {args.before}" if args.before else "") if a),
+                        f"--before {args.before}" if args.before else "",
+                        f"--teacher-samplers {','.join(samplers)}" if samplers else "") if a),
         "machine": f"CPU ({platform.machine()}, {args.threads} threads), float32",
         "date": datetime.date.today().isoformat(),
         "animate": __version__, "torch": torch.__version__,

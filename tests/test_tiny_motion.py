@@ -173,6 +173,11 @@ def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
     assert paired["rmse_a"] == paired["rmse_b"] and min(paired["rmse_a"]) > 0
     errors = report["errors_vs_truth"]
     assert errors["student"] == errors["teacher_steps"] and errors["still_frame"]["mse"] > 0
+    other = quality.distillation_report(model, student, n=2, batch=2, teacher_samplers=("euler", "dpmpp_2m"))
+    assert other["teacher_samplers"]["euler"]["distance_to_teacher_base"] == dist["teacher_steps"]  # the same run
+    assert other["teacher_samplers"]["euler"]["errors_vs_truth"] == errors["teacher_steps"]
+    dpm = other["teacher_samplers"]["dpmpp_2m"]["distance_to_teacher_base"]["rmse"]
+    assert dpm > 0 and dpm != dist["teacher_steps"]["rmse"]
     bad = dataclasses.replace(student, extras={**model.extras, "student": {**meta, "sigmas": [float(x) for x in
                                                                                         base[::8]]}})
     with pytest.raises(ValueError, match="not its base grid"):
