@@ -920,7 +920,6 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
     all_files = image_files(images)
     if workdir.exists() and not workdir.is_dir():
         raise AnimateError(f"--workdir {workdir} is a file; give a folder")
-    workdir.mkdir(parents=True, exist_ok=True)
     saved = load_checkpoint_data(workdir)
     if saved is not None:
         c = merge_config(DistillConfig.from_dict(saved["config"]), options, saved["phase"])
@@ -935,6 +934,7 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
     if saved is not None and saved["images"] != data.names:
         raise AnimateError(f"{workdir / CHECKPOINT} was trained on other images ({len(saved['images'])} files); "
                            "give the same folder, or another --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the options and the images are known to be good
     teacher_dtype = torch.bfloat16 if device.type == "cuda" and c.precision != "fp32" else torch.float32
     student = make_student(model.unet, per_frame=c.guidance_input == "frame", min_guidance=c.min_guidance)
     student = student.float().train().requires_grad_(True)

@@ -523,6 +523,7 @@ def test_cli_distill_bad_input_is_one_line(cli, tmp_path):
                       "--size '3x'")
     assert_user_error(cli("distill", empty, "--workdir", tmp_path / "w", "--device", "cpu", "--model", "random:tiny",
                           "--guidance-range", "3", "1"), "--guidance-range 3.0 1.0: expected 0 <= LOW <= HIGH")
+    assert not (tmp_path / "w").exists()  # no workdir made for a run that never started
 
 
 # ---------------------------------------------------------------- the teacher's samples as data
@@ -879,6 +880,7 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):
         distill.open_session(dict(OPTIONS, **option), images, tmp_path / "work", torch.device("cpu"))
+    assert not (tmp_path / "work").exists()  # nothing left behind
 
 
 def test_sigma_sampling_defaults_to_lognormal_in_stage1_but_older_runs_resume_as_they_drew():
