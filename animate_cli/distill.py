@@ -936,7 +936,8 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
                            "give the same folder, or another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)  # only once the options and the images are known to be good
     teacher_dtype = torch.bfloat16 if device.type == "cuda" and c.precision != "fp32" else torch.float32
-    student = make_student(model.unet, per_frame=c.guidance_input == "frame", min_guidance=c.min_guidance)
+    student = make_student(model.unet, per_frame=c.guidance_input == "frame", min_guidance=c.min_guidance,
+                           seed=c.seed)  # the same command makes the same student in any process
     student = student.float().train().requires_grad_(True)
     base = torch.nn.Module.to(model.unet, dtype=teacher_dtype).eval().requires_grad_(False)  # no diffusers warning
     sigma_range = {k: float(model.scheduler_config[k]) for k in ("sigma_min", "sigma_max")}

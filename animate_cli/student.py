@@ -139,16 +139,20 @@ def is_student(unet) -> bool:
 
 
 def make_student(teacher_unet, hidden: int | None = None, per_frame: bool = False,
-                 min_guidance: float = 1.0) -> nn.Module:
+                 min_guidance: float = 1.0, seed: int | None = None) -> nn.Module:
     """A deep copy of `teacher_unet` with a zero-initialised guidance embedding on its add_embedding (and, per
-    frame, the blocks' hooks that add it to each frame)."""
+    frame, the blocks' hooks that add it to each frame). With `seed`, the embedding's first (random) layer is
+    drawn from it rather than from torch's global generator, which is left as it was."""
     if is_student(teacher_unet):
         raise AnimateError("make_student: the UNet already has a guidance embedding")
     student = copy.deepcopy(teacher_unet)
     orig = student.add_embedding
     embed_dim = orig.linear_2.out_features
     param = next(orig.parameters())
-    wrapper = GuidedAddEmbedding(orig, embed_dim, hidden=hidden, per_frame=per_frame, min_guidance=min_guidance)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        wrapper = GuidedAddEmbedding(orig, embed_dim, hidden=hidden, per_frame=per_frame, min_guidance=min_guidance)
     student.add_embedding = wrapper.to(device=param.device, dtype=param.dtype)
     if per_frame:
         hook_frames(student, student.add_embedding)

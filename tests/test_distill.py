@@ -100,6 +100,24 @@ def test_per_frame_student_embeds_each_frames_scale(tiny_unet):
     assert torch.allclose(term, expected)
 
 
+def test_a_seeded_student_draws_its_embedding_from_the_seed_alone(tiny_unet):
+    def first_layer(student):
+        return student.add_embedding.mlp[0].weight.detach().clone()
+
+    torch.manual_seed(1)
+    a = first_layer(make_student(tiny_unet, seed=7))
+    torch.manual_seed(2)  # another global state: the same layer
+    state = torch.get_rng_state()
+    b = first_layer(make_student(tiny_unet, seed=7))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was
+    assert torch.equal(a, b) and a.abs().sum() > 0
+    assert not torch.equal(a, first_layer(make_student(tiny_unet, seed=8)))
+    torch.manual_seed(1)
+    unseeded = first_layer(make_student(tiny_unet))
+    torch.manual_seed(2)
+    assert not torch.equal(unseeded, first_layer(make_student(tiny_unet)))  # without a seed: the global one
+
+
 def test_student_without_guidance_scale_is_an_error(tiny_unet):
     student = make_student(tiny_unet)
     with pytest.raises(RuntimeError, match="set_guidance"):
@@ -362,6 +380,16 @@ def test_a_teacher_target_round_resumes_with_the_original_teacher(images, tmp_pa
     assert (meta["distillation"]["round_target"], meta["distillation"]["step_factor"]) == ("teacher", 2)
     more = distill.open_session(dict(options, match_steps=1), images, work, torch.device("cpu"))  # on to stage 3
     assert more.config.is_match(more.phase) and more.teacher is None and more.base_unet is None
+
+
+def test_the_same_options_make_the_same_student_whatever_the_global_generator(images, tmp_path):
+    options = dict(OPTIONS, model="tiny-motion", frames=8, samples_per_image=1)  # loaded, not built from a seed
+    torch.manual_seed(1)
+    a = distill.open_session(options, images, tmp_path / "a", torch.device("cpu"), log=lambda m: None)
+    torch.manual_seed(2)
+    b = distill.open_session(options, images, tmp_path / "b", torch.device("cpu"), log=lambda m: None)
+    assert all(torch.equal(v, b.student.state_dict()[k]) for k, v in a.student.state_dict().items())
+    assert distill.train_step(a) == distill.train_step(b)
 
 
 def test_checkpoint_resumes_to_the_same_state(images, tmp_path):
