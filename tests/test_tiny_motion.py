@@ -164,7 +164,7 @@ def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
 
     student, base = untrained_student(model, 16, 4)
     meta = student.extras["student"]
-    report = quality.distillation_report(model, student, n=2, batch=2)
+    report = quality.distillation_report(model, student, n=2, batch=2, teacher_samplers=("euler", "dpmpp_2m"))
     assert report["steps"] == {"teacher_base": 16, "teacher_steps": 4, "student": 4}
     dist = report["distance_to_teacher_base"]
     assert dist["student"] == dist["teacher_steps"] and dist["teacher_steps"]["rmse"] > 0
@@ -173,10 +173,10 @@ def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
     assert paired["rmse_a"] == paired["rmse_b"] and min(paired["rmse_a"]) > 0
     errors = report["errors_vs_truth"]
     assert errors["student"] == errors["teacher_steps"] and errors["still_frame"]["mse"] > 0
-    other = quality.distillation_report(model, student, n=2, batch=2, teacher_samplers=("euler", "dpmpp_2m"))
-    assert other["teacher_samplers"]["euler"]["distance_to_teacher_base"] == dist["teacher_steps"]  # the same run
-    assert other["teacher_samplers"]["euler"]["errors_vs_truth"] == errors["teacher_steps"]
-    dpm = other["teacher_samplers"]["dpmpp_2m"]["distance_to_teacher_base"]["rmse"]
+    samplers = report["teacher_samplers"]
+    assert samplers["euler"]["distance_to_teacher_base"] == dist["teacher_steps"]  # the same run as teacher_steps
+    assert samplers["euler"]["errors_vs_truth"] == errors["teacher_steps"]
+    dpm = samplers["dpmpp_2m"]["distance_to_teacher_base"]["rmse"]
     assert dpm > 0 and dpm != dist["teacher_steps"]["rmse"]
     bad = dataclasses.replace(student, extras={**model.extras, "student": {**meta, "sigmas": [float(x) for x in
                                                                                         base[::8]]}})
