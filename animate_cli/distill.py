@@ -141,6 +141,7 @@ class DistillConfig:
     eval_every: int = 0  # measure that distance every this many steps (0: at each phase's start and end only)
     keep_best: bool = False  # each phase ends with its best-measured student rather than its last
     ema: float = 0.0  # each phase ends with an exponential moving average of its weights, this decay (0: its last)
+    warmup: float = 0.0  # the learning rate rises linearly over this share of each phase's first steps
 
     @property
     def base_steps(self) -> int:
@@ -225,6 +226,9 @@ def check_config(c: DistillConfig) -> None:
     if not 0 <= c.ema < 1:
         raise AnimateError(f"--ema must be at least 0 and below 1 (0.999: average over about the last 1,000 "
                            f"steps; 0: no average), got {c.ema}")
+    if not 0 <= c.warmup < 1:
+        raise AnimateError(f"--warmup is a share of each phase's steps, at least 0 and below 1 (0.1: the first "
+                           f"tenth), got {c.warmup}")
     if (c.eval_every or c.keep_best) and not c.holdout:
         raise AnimateError(f"{'--eval-every' if c.eval_every else '--keep-best'} needs --holdout N: the stills "
                            "whose teacher videos the student is measured against")
@@ -1143,10 +1147,14 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
 
 
 def lr_factor(c: DistillConfig, phase: int, step: int) -> float:
-    """The learning rate of step `step` (0-based, within the phase) over the base rate."""
+    """The learning rate of step `step` (0-based, within the phase) over the base rate: rising linearly over the
+    phase's first warmup share of steps (Adam's first steps, from fresh moments, move every weight by about the
+    full rate whatever its gradient), then constant or annealed linearly to zero."""
+    n = max(c.phase_steps(phase), 1)
+    ramp = min(1.0, (step + 1) / max(round(c.warmup * n), 1))
     if c.lr_schedule == "constant":
-        return 1.0
-    return 1.0 - step / max(c.phase_steps(phase), 1)
+        return ramp
+    return ramp * (1.0 - step / n)
 
 
 def sampler_config(s: Session, phase: int) -> dict:
@@ -1173,7 +1181,7 @@ def sampler_config(s: Session, phase: int) -> dict:
                          "precision": c.precision, "images": len(s.data.names), "data": c.data,
                          "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
                          "match_steps": c.match_steps, "match_lr": c.match_lr if c.match_steps else None,
-                         "ema": c.ema,
+                         "ema": c.ema, "warmup": c.warmup,
                          "global_step": s.global_step},
     }
 

@@ -886,6 +886,32 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     assert flat.optimizer.param_groups[0]["lr"] == base
 
 
+def test_warmup_raises_the_learning_rate_over_each_phase_first_steps(images, tmp_path):
+    work = tmp_path / "work"
+    s = distill.open_session(dict(OPTIONS, stage1_steps=10, round_steps=4, warmup=0.3), images, work,
+                             torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in s.student.named_parameters()}
+    distill.run(s, until=1, log=lambda m: None)
+    # Adam's first step moves every weight with a gradient by the rate itself, whatever the gradient's size: the
+    # warmup makes that a third of it here (three warmup steps)
+    base = OPTIONS["lr"]
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in s.student.named_parameters()
+                if not n.startswith("add_embedding.mlp."))
+    assert moved == pytest.approx(base / 3, rel=1e-3)
+    distill.run(s, until=14, log=lambda m: None)  # the rest of stage 1 (10 steps) and round 1 (4)
+    log = [json.loads(line) for line in (work / distill.LOSS_LOG).read_text().splitlines()]
+    stage1 = [1 / 3, 2 / 3 * 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]  # ramp x linear anneal
+    round1 = [1, 0.75, 0.5, 0.25]  # 0.3 x 4 steps rounds to one: no ramp left
+    assert [e["lr"] for e in log] == pytest.approx([base * f for f in stage1 + round1])
+    flat = distill.open_session(dict(OPTIONS, stage1_steps=4, lr_schedule="constant", warmup=0.5), images,
+                                tmp_path / "flat", torch.device("cpu"))
+    distill.run(flat, until=4, log=lambda m: None)
+    log = [json.loads(line) for line in (tmp_path / "flat" / distill.LOSS_LOG).read_text().splitlines()]
+    assert [e["lr"] for e in log] == pytest.approx([base / 2, base, base, base])
+    _, meta = load_student(work / "phase-0", torch.float32, "cpu")
+    assert meta["distillation"]["warmup"] == 0.3  # student.json records it
+
+
 @pytest.mark.parametrize(("option", "message"), [
     ({"data": "videos"}, "--data 'videos': choose teacher or stills"),
     ({"samples_per_image": 0}, "--samples-per-image must be at least 1"),
@@ -903,6 +929,7 @@ def test_learning_rate_anneals_linearly_within_each_phase(images, tmp_path):
     ({"eval_every": 5}, "--eval-every needs --holdout N"),
     ({"keep_best": True}, "--keep-best needs --holdout N"),
     ({"ema": 1.0}, "--ema must be at least 0 and below 1"),
+    ({"warmup": 1.0}, "--warmup is a share of each phase's steps"),
 ])
 def test_bad_distill_options_are_named(images, tmp_path, option, message):
     with pytest.raises(AnimateError, match=message):

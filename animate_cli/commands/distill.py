@@ -97,6 +97,9 @@ def distill(
         "step (0.99: about the last 100 steps; warmed up as (1 + n) / (10 + n) over the phase's first steps n), "
         "rather than its last weights; the held-out checks measure the average \\[0: the last].",
         show_default=False)] = None,
+    warmup: Annotated[float | None, typer.Option(
+        "--warmup", min=0.0, help="Raise the learning rate linearly from zero over this share of each phase's "
+        "first steps (0.1: the first tenth) \\[0: none].", show_default=False)] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
@@ -128,7 +131,7 @@ def distill(
                  sigma_sampling=sigma_sampling, round_sigma_sampling=round_sigma_sampling,
                  sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, holdout=holdout, eval_every=eval_every,
-                 keep_best=keep_best, ema=ema)
+                 keep_best=keep_best, ema=ema, warmup=warmup)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
