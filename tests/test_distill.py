@@ -494,7 +494,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     args = ["distill", images, "--model", "random:tiny", "--workdir", work, "--stage1-steps", "2", "--round-steps",
             "2", "--rounds", "1", "--final-steps", "2", "--size", "32x32", "--frames", "2", "--device", "cpu",
             "--guidance-input", "frame", "--sigma-sampling", "lognormal", "--guidance-range", "2", "2.5",
-            "--lr", "1e-4", "--precision", "bf16", "--holdout", "1", "--out", student]
+            "--lr", "1e-4", "--precision", "bf16", "--holdout", "1", "--warmup", "0.5", "--out", student]
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().endswith("student")
@@ -510,7 +510,7 @@ def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     assert meta["guidance"]["embedding_input"] == "frame_scale" and meta["guidance_embedding"]["per_frame"]
     assert meta["distillation"]["sigma_sampling"]["lognormal"] == [0.7, 1.3]
     assert meta["distillation"]["round_sigma_sampling"] == "uniform"
-    assert meta["distillation"]["precision"] == "bf16"
+    assert meta["distillation"]["precision"] == "bf16" and meta["distillation"]["warmup"] == 0.5
     assert meta["guidance"]["max_guidance_range"] == [2.0, 2.5]
     assert len((work / "loss.jsonl").read_text().splitlines()) == 4
     assert (work / "phase-0" / "student.json").is_file() and (work / "phase-1" / "student.json").is_file()
