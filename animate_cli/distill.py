@@ -526,7 +526,7 @@ def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, de
 def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
     """data = "teacher": load WORKDIR/teacher-samples.safetensors if it matches this run, else make it with the
     original UNet (s.base_unet) and save it."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     c = s.config
     if c.data != "teacher":
@@ -542,11 +542,13 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
 
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("fingerprint", "null"))
-        if meta == want:
-            t = load_file(str(path))
-            s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
-            s.data.paths = t.get("paths")
-            return
+            if not keep and isinstance(meta, dict):  # samples kept with their paths serve a run that needs none
+                meta.pop("paths_every", None)
+            if meta == want:
+                t = {name: f.get_tensor(name) for name in ("videos", "image", "w", "paths") if keep or name != "paths"}
+                s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
+                s.data.paths = t.get("paths")
+                return
         log(f"{path.name} was made for another run: making it again")
     total = len(s.data.names) * c.samples_per_image
     log(f"teacher samples: {total} videos ({c.samples_per_image} per image), {c.base_steps} guided steps each")

@@ -669,6 +669,14 @@ def test_trajectory_rounds_keep_the_teachers_paths_and_land_where_they_went(imag
     lines = []
     again = distill.open_session(options, images, other, torch.device("cpu"), log=lines.append)
     assert again.data.paths is not None and any("made for another run" in line for line in lines)
+    # and samples kept with their paths serve a run that needs none, its videos only
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / distill.SAMPLES_FILE).write_bytes((work / distill.SAMPLES_FILE).read_bytes())
+    with monkeypatch.context() as m:
+        m.setattr(distill, "teacher_samples", no_model)
+        reused = distill.open_session(dict(options, round_target="previous"), images, plain, torch.device("cpu"))
+    assert torch.equal(reused.data.videos, data.videos) and reused.data.paths is None
     with pytest.raises(AnimateError, match="--round-target trajectory needs --data teacher"):
         distill.open_session(dict(options, data="stills"), images, tmp_path / "stills-run", torch.device("cpu"))
 
