@@ -524,8 +524,9 @@ def teacher_samples(c: DistillConfig, data: Data, unet, sigmas: torch.Tensor, de
 
 
 def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
-    """data = "teacher": load WORKDIR/teacher-samples.safetensors if it matches this run, else make it with the
-    original UNet (s.base_unet) and save it."""
+    """data = "teacher": load WORKDIR/teacher-samples.safetensors if it matches this run (a file kept with the
+    teacher's paths also matches a run that needs none: its videos alone are read), else make it with the original
+    UNet (s.base_unet) and save it."""
     from safetensors.torch import save_file
 
     c = s.config
