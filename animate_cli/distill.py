@@ -546,9 +546,8 @@ def attach_teacher_samples(s: Session, progress=None, log=print) -> None:
             if not keep and isinstance(meta, dict):  # samples kept with their paths serve a run that needs none
                 meta.pop("paths_every", None)
             if meta == want:
-                t = {name: f.get_tensor(name) for name in ("videos", "image", "w", "paths") if keep or name != "paths"}
-                s.data.videos, s.data.video_image, s.data.video_w = t["videos"], t["image"], t["w"]
-                s.data.paths = t.get("paths")
+                s.data.videos, s.data.video_image, s.data.video_w = (f.get_tensor(n) for n in ("videos", "image", "w"))
+                s.data.paths = f.get_tensor("paths") if keep else None  # (a matching file with keep holds them)
                 return
         log(f"{path.name} was made for another run: making it again")
     total = len(s.data.names) * c.samples_per_image
