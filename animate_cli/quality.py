@@ -107,6 +107,25 @@ def paired_distance(a, b, reference) -> dict:
             "a_closer_on": int((diff < 0).sum())}
 
 
+def paired_parts(paired: dict, first: int) -> dict:
+    """A paired_distance result split into its first `first` clips and the rest (e.g. the clips a recipe was chosen
+    on and clips that played no part in choosing it): for each part, its clips, both RMSEs over it (the root of
+    the mean per-clip square), and the mean difference, its standard error and a's closer count as above."""
+    a, b = np.asarray(paired["rmse_a"]), np.asarray(paired["rmse_b"])
+    parts = {}
+    for lo, hi in ((0, min(first, len(a))), (min(first, len(a)), len(a))):
+        if hi <= lo:
+            continue
+        diff = a[lo:hi] - b[lo:hi]
+        n = hi - lo
+        parts[f"clips {lo + 1}-{hi}"] = {
+            "clips": n, "rmse_a": float(np.sqrt((a[lo:hi] ** 2).mean())),
+            "rmse_b": float(np.sqrt((b[lo:hi] ** 2).mean())), "mean_difference": float(diff.mean()),
+            "standard_error": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+            "a_closer_on": int((diff < 0).sum())}
+    return parts
+
+
 # ---------------------------------------------------------------- held-out data of a model
 def packaged_folder(name: str) -> Path | None:
     """The folder of a model shipped under animate_cli/weights/, or None."""

@@ -2,7 +2,7 @@
 teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-out clips, from the same noise.
 
     python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH] [--stage1 FOLDER]
-        [--before FOLDER] [--teacher-samplers A,B]
+        [--before FOLDER] [--teacher-samplers A,B] [--split K]
     python benchmarks/tiny_motion_distillation.py --write-stills FOLDER [--stills N]  # the stills distilled on
 
 STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32. The stills are the
@@ -10,6 +10,8 @@ first frames of N clips of animate_cli.clips' training stream (index 100000 + i,
 --stage1 WORKDIR/phase-0 (the same run's stage-1 student) adds "stages": how much of the student's distance
 comes from folding guidance into one pass and how much from the step-reducing rounds. --before WORKDIR/phase-R
 (R = the run's --rounds: the same run's student before stage 3) adds "before_match": what stage 3 changed.
+With more than K clips (--split, default 32), "student_vs_teacher_steps_by_part" compares the student with the
+teacher's steps on the first K clips and on the rest apart: recipes chosen on the first 32 are judged on the rest.
 """
 
 import argparse
@@ -41,6 +43,9 @@ def main() -> None:
     parser.add_argument("--stage1", default=None, metavar="FOLDER")
     parser.add_argument("--before", default=None, metavar="FOLDER")
     parser.add_argument("--stills", type=int, default=STILLS, metavar="N")
+    parser.add_argument("--split", type=int, default=32, metavar="K",
+                        help="with more than K clips, also compare student and teacher's steps on the first K "
+                             "clips and on the rest apart (student_vs_teacher_steps_by_part)")
     parser.add_argument("--teacher-samplers", default="", metavar="A,B",
                         help="also the teacher with these samplers (e.g. dpmpp_2m,heun) on the student's grid")
     args = parser.parse_args()
@@ -77,7 +82,8 @@ def main() -> None:
             a for a in (args.student if args.student != str(packaged_model("tiny-motion") / "student") else "",
                         f"--clips {args.clips}", f"--stage1 {args.stage1}" if args.stage1 else "",
                         f"--before {args.before}" if args.before else "",
-                        f"--teacher-samplers {','.join(samplers)}" if samplers else "") if a),
+                        f"--teacher-samplers {','.join(samplers)}" if samplers else "",
+                        f"--split {args.split}" if args.split != 32 else "") if a),
         "machine": f"CPU ({platform.machine()}, {args.threads} threads), float32",
         "date": datetime.date.today().isoformat(),
         "animate": __version__, "torch": torch.__version__,
@@ -93,6 +99,8 @@ def main() -> None:
         "distillation": meta.get("distillation"),
         "student_guidance": meta.get("guidance"),
         **report,
+        **({"student_vs_teacher_steps_by_part": quality.paired_parts(report["student_vs_teacher_steps"], args.split)}
+           if 0 < args.split < args.clips else {}),
         "eval_seconds": round(time.perf_counter() - start, 1),
     }
     text = json.dumps(result, indent=1)

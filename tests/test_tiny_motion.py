@@ -157,6 +157,20 @@ def test_paired_distance_compares_clip_by_clip():
     assert quality.paired_distance(frames, frames, frames)["rmse_a"] == [0.0, 0.0]
 
 
+def test_paired_parts_splits_the_clips_at_first():
+    paired = {"rmse_a": [0.1, 0.3, 0.05, 0.2], "rmse_b": [0.2, 0.1, 0.05, 0.1]}
+    parts = quality.paired_parts(paired, 2)
+    assert list(parts) == ["clips 1-2", "clips 3-4"]
+    head, rest = parts["clips 1-2"], parts["clips 3-4"]
+    assert head["clips"] == 2 and rest["clips"] == 2
+    assert head["rmse_a"] == pytest.approx(np.sqrt((0.01 + 0.09) / 2))
+    assert rest["rmse_b"] == pytest.approx(np.sqrt((0.0025 + 0.01) / 2))
+    assert head["mean_difference"] == pytest.approx(0.05) and rest["mean_difference"] == pytest.approx(0.05)
+    assert head["standard_error"] == pytest.approx(np.std([-0.1, 0.2], ddof=1) / np.sqrt(2))
+    assert head["a_closer_on"] == 1 and rest["a_closer_on"] == 0
+    assert list(quality.paired_parts(paired, 4)) == ["clips 1-4"]  # nothing after the first four
+
+
 def test_distillation_report_compares_on_one_grid_from_the_same_noise(model):
     """An untrained student without guidance is the unguided teacher: on the student's grid it must land exactly
     where the teacher does, and the report must say so; a grid that is not the base grid's is refused."""
