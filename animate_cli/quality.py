@@ -99,10 +99,14 @@ def paired_distance(a, b, reference) -> dict:
     noise for both, so the clip-to-clip spread that both share drops out of the comparison."""
     ref = _unit(reference)
     per = [np.sqrt(((_unit(x) - ref) ** 2).reshape(len(ref), -1).mean(axis=1)) for x in (a, b)]
-    diff = per[0] - per[1]
+    return {"clips": len(ref), "rmse_a": per[0].tolist(), "rmse_b": per[1].tolist(), **_compare(*per)}
+
+
+def _compare(a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-clip RMSEs a and b: the mean of (a - b), its standard error, and on how many clips a is the smaller."""
+    diff = a - b
     n = len(diff)
-    return {"clips": n, "rmse_a": per[0].tolist(), "rmse_b": per[1].tolist(),
-            "mean_difference": float(diff.mean()),
+    return {"mean_difference": float(diff.mean()),
             "standard_error": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
             "a_closer_on": int((diff < 0).sum())}
 
@@ -116,13 +120,9 @@ def paired_parts(paired: dict, first: int) -> dict:
     for lo, hi in ((0, min(first, len(a))), (min(first, len(a)), len(a))):
         if hi <= lo:
             continue
-        diff = a[lo:hi] - b[lo:hi]
-        n = hi - lo
         parts[f"clips {lo + 1}-{hi}"] = {
-            "clips": n, "rmse_a": float(np.sqrt((a[lo:hi] ** 2).mean())),
-            "rmse_b": float(np.sqrt((b[lo:hi] ** 2).mean())), "mean_difference": float(diff.mean()),
-            "standard_error": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
-            "a_closer_on": int((diff < 0).sum())}
+            "clips": hi - lo, "rmse_a": float(np.sqrt((a[lo:hi] ** 2).mean())),
+            "rmse_b": float(np.sqrt((b[lo:hi] ** 2).mean())), **_compare(a[lo:hi], b[lo:hi])}
     return parts
 
 
