@@ -116,8 +116,8 @@ def paired_parts(paired: dict, first: int) -> dict:
     on and clips that played no part in choosing it): for each part, its clips, both RMSEs over it (the root of
     the mean per-clip square), and the mean difference, its standard error and a's closer count as above."""
     a, b = np.asarray(paired["rmse_a"]), np.asarray(paired["rmse_b"])
-    parts = {}
-    for lo, hi in ((0, min(first, len(a))), (min(first, len(a)), len(a))):
+    parts, cut = {}, min(first, len(a))
+    for lo, hi in ((0, cut), (cut, len(a))):
         if hi <= lo:
             continue
         parts[f"clips {lo + 1}-{hi}"] = {
