@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from animate_cli.checkpoint import load_checkpoint_file, save_checkpoint_file
 from animate_cli.errors import AnimateError
 from animate_cli.sampling import SCHEDULES, sample_euler
-from animate_cli.student import load_student, make_student, save_student, set_guidance
+from animate_cli.student import first_line, load_student, make_student, save_student, set_guidance
 
 CHECKPOINT = "checkpoint.safetensors"
 LOSS_LOG = "loss.jsonl"
@@ -142,6 +142,7 @@ class DistillConfig:
     keep_best: bool = False  # each phase ends with its best-measured student rather than its last
     ema: float = 0.0  # each phase ends with an exponential moving average of its weights, this decay (0: its last)
     warmup: float = 0.0  # the learning rate rises linearly over this share of each phase's first steps
+    init_student: str | None = None  # a student folder (phase-N/ or export) to start from, rather than the teacher
 
     @property
     def base_steps(self) -> int:
@@ -945,6 +946,8 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
     student = make_student(model.unet, per_frame=c.guidance_input == "frame", min_guidance=c.min_guidance,
                            seed=c.seed)  # the same command makes the same student in any process
     student = student.float().train().requires_grad_(True)
+    if c.init_student and saved is None:  # (a resumed run's checkpoint holds its own weights)
+        start_from(student, Path(c.init_student), c)
     base = torch.nn.Module.to(model.unet, dtype=teacher_dtype).eval().requires_grad_(False)  # no diffusers warning
     sigma_range = {k: float(model.scheduler_config[k]) for k in ("sigma_min", "sigma_max")}
     vae = model.vae.eval().requires_grad_(False) if held_data is not None else None  # the check decodes
@@ -962,6 +965,21 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
         attach_heldout(s, held_data, log)
     load_teacher(s)
     return s
+
+
+def start_from(student, folder: Path, c: DistillConfig) -> None:
+    """Copy a saved student's weights (a phase-N/ folder or an exported student of this teacher) into `student`,
+    after checking that its guidance embedding takes what this run gives it."""
+    init, meta = load_student(folder)
+    per_frame = bool(meta["guidance_embedding"].get("per_frame", False))
+    if per_frame != (c.guidance_input == "frame"):
+        raise AnimateError(f"--init-student {folder}: its guidance embedding takes "
+                           f"{'each frame' if per_frame else 'the video'}'s scale; give --guidance-input "
+                           f"{'frame' if per_frame else 'video'}, or another student")
+    try:
+        student.load_state_dict(init.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise AnimateError(f"--init-student {folder}: not a student of this teacher ({first_line(e)})") from None
 
 
 def load_teacher(s: Session) -> None:
@@ -1183,7 +1201,7 @@ def sampler_config(s: Session, phase: int) -> dict:
                          "precision": c.precision, "images": len(s.data.names), "data": c.data,
                          "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
                          "match_steps": c.match_steps, "match_lr": c.match_lr if c.match_steps else None,
-                         "ema": c.ema, "warmup": c.warmup,
+                         "ema": c.ema, "warmup": c.warmup, "init_student": c.init_student,
                          "global_step": s.global_step},
     }
 

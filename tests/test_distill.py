@@ -488,6 +488,26 @@ def test_stage3_resumes_and_can_follow_a_finished_run(images, tmp_path):
     assert meta["distillation"]["match_steps"] == 3 and meta["distillation"]["phase"] == 2
 
 
+def test_init_student_starts_from_a_saved_student_and_checks_it(images, tmp_path):
+    first = distill.open_session(OPTIONS, images, tmp_path / "a", torch.device("cpu"))
+    distill.run(first, log=lambda m: None)  # phase-0/ holds its trained stage-1 student
+    saved, _ = load_student(tmp_path / "a" / "phase-0", torch.float32, "cpu")
+    fresh = distill.open_session(dict(OPTIONS, stage1_steps=0), images, tmp_path / "b", torch.device("cpu"))
+    options = dict(OPTIONS, stage1_steps=0, init_student=str(tmp_path / "a" / "phase-0"))
+    s = distill.open_session(options, images, tmp_path / "c", torch.device("cpu"))
+    want, got, untrained = saved.state_dict(), s.student.state_dict(), fresh.student.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(untrained[k], want[k]) for k in want)  # so the copy is what made them equal
+    distill.run(s, log=lambda m: None)  # the round then starts from it, and the student records where it began
+    meta = json.loads((distill.export(s, tmp_path / "student") / "student.json").read_text())
+    assert meta["distillation"]["init_student"] == str(tmp_path / "a" / "phase-0")
+    with pytest.raises(AnimateError, match="give --guidance-input video"):
+        distill.open_session(dict(options, guidance_input="frame"), images, tmp_path / "d", torch.device("cpu"))
+    with pytest.raises(AnimateError, match="--init-student"):  # a resumed run keeps the weights it started from
+        distill.open_session(dict(options, init_student=str(tmp_path / "b")), images, tmp_path / "c",
+                             torch.device("cpu"))
+
+
 # ---------------------------------------------------------------- the command
 def test_cli_distill_writes_a_student_and_resumes(cli, images, tmp_path):
     work, student = tmp_path / "work", tmp_path / "student"

@@ -100,6 +100,11 @@ def distill(
     warmup: Annotated[float | None, typer.Option(
         "--warmup", min=0.0, help="Raise the learning rate linearly from zero over this share of each phase's "
         "first steps (0.1: the first tenth) \\[0: none].", show_default=False)] = None,
+    init_student: Annotated[Path | None, typer.Option(
+        "--init-student", help="Start the student from this student folder (a WORKDIR/phase-N/ or --out of an "
+        "earlier run of this teacher) rather than from the teacher: e.g. a stage-1 student, with --stage1-steps 0, "
+        "to run the rounds or stage 3 on other stills or more teacher videos. Its guidance input must be "
+        "--guidance-input's.", show_default=False)] = None,
     size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT of the training videos (default: the model's native size).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames (default: the model's).")] = None,
@@ -131,12 +136,17 @@ def distill(
                  sigma_sampling=sigma_sampling, round_sigma_sampling=round_sigma_sampling,
                  sigma_log_mean=sigma_log_mean, sigma_log_std=sigma_log_std, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, holdout=holdout, eval_every=eval_every,
-                 keep_best=keep_best, ema=ema, warmup=warmup)
+                 keep_best=keep_best, ema=ema, warmup=warmup,
+                 init_student=str(init_student) if init_student is not None else None)
     if size is not None:
         given["width"], given["height"] = parse_size(size)
     options = {k: v for k, v in given.items() if v is not None}
     torch_device = resolve_device(device)
     d.image_files(images)  # fail on a bad folder before the model loads
+    if init_student is not None:
+        from animate_cli.student import read_student_config
+
+        read_student_config(init_student)
     if workdir.exists() and not workdir.is_dir():
         raise AnimateError(f"--workdir {workdir} is a file; give a folder")
     out_dir = out_dir if out_dir is not None else workdir / "student"
