@@ -143,7 +143,7 @@ def distill(
     options = {k: v for k, v in given.items() if v is not None}
     torch_device = resolve_device(device)
     d.image_files(images)  # fail on a bad folder before the model loads
-    if init_student is not None:
+    if init_student is not None and not d.checkpoint_path(workdir).is_file():  # (a resumed run does not read it)
         from animate_cli.student import read_student_config
 
         read_student_config(init_student)
