@@ -3,10 +3,11 @@ teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-
 
     python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH] [--stage1 FOLDER]
         [--before FOLDER] [--teacher-samplers A,B] [--split K]
-    python benchmarks/tiny_motion_distillation.py --write-stills FOLDER [--stills N]  # the stills distilled on
+    python benchmarks/tiny_motion_distillation.py --write-stills FOLDER [--stills N] [--first K]  # stills to distil on
 
 STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32. The stills are the
-first frames of N clips of animate_cli.clips' training stream (index 100000 + i, past what training used).
+first frames of N clips of animate_cli.clips' training stream (index 100000 + i, past what training used), from
+still K on (--first, default 0; still i is written as s{i:03d}.png).
 --stage1 WORKDIR/phase-0 (the same run's stage-1 student) adds "stages": how much of the student's distance
 comes from folding guidance into one pass and how much from the step-reducing rounds. --before WORKDIR/phase-R
 (R = the run's --rounds: the same run's student before stage 3) adds "before_match": what stage 3 changed.
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--stage1", default=None, metavar="FOLDER")
     parser.add_argument("--before", default=None, metavar="FOLDER")
     parser.add_argument("--stills", type=int, default=STILLS, metavar="N")
+    parser.add_argument("--first", type=int, default=0, metavar="K")
     parser.add_argument("--split", type=int, default=32, metavar="K",
                         help="with more than K clips, also compare student and teacher's steps on the first K "
                              "clips and on the rest apart (student_vs_teacher_steps_by_part)")
@@ -50,7 +52,7 @@ def main() -> None:
                         help="also the teacher with these samplers (e.g. dpmpp_2m,heun) on the student's grid")
     args = parser.parse_args()
     if args.write_stills is not None:
-        write_stills(args.write_stills, args.stills)
+        write_stills(args.write_stills, args.stills, args.first)
         return
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -111,13 +113,13 @@ def main() -> None:
     print(text)
 
 
-def write_stills(folder: Path, n: int) -> None:
+def write_stills(folder: Path, n: int, first: int = 0) -> None:
     from PIL import Image
 
     from animate_cli import clips
 
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    for i in range(first, first + n):
         Image.fromarray(clips.make_clip(0, 0, 100000 + i).frames[0]).save(folder / f"s{i:03d}.png")
     print(f"{n} stills written to {folder}")
 
