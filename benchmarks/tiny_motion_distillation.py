@@ -3,11 +3,11 @@ teacher at the base steps (e.g. 32, guided) and at the student's steps, on held-
 
     python benchmarks/tiny_motion_distillation.py [STUDENT_FOLDER] [--clips 32] [--json PATH] [--stage1 FOLDER]
         [--before FOLDER] [--teacher-samplers A,B] [--split K]
-    python benchmarks/tiny_motion_distillation.py --write-stills FOLDER [--stills N] [--first K]  # stills to distil on
+    python benchmarks/tiny_motion_distillation.py --write-stills FOLDER [--stills N] [--first I]  # stills to distil on
 
 STUDENT_FOLDER defaults to the student shipped with tiny-motion. Runs on the CPU in float32. The stills are the
 first frames of N clips of animate_cli.clips' training stream (index 100000 + i, past what training used), from
-still K on (--first, default 0; still i is written as s{i:03d}.png).
+still I on (--first, default 0; still i is written as s{i:03d}.png).
 --stage1 WORKDIR/phase-0 (the same run's stage-1 student) adds "stages": how much of the student's distance
 comes from folding guidance into one pass and how much from the step-reducing rounds. --before WORKDIR/phase-R
 (R = the run's --rounds: the same run's student before stage 3) adds "before_match": what stage 3 changed.
@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--stage1", default=None, metavar="FOLDER")
     parser.add_argument("--before", default=None, metavar="FOLDER")
     parser.add_argument("--stills", type=int, default=STILLS, metavar="N")
-    parser.add_argument("--first", type=int, default=0, metavar="K")
+    parser.add_argument("--first", type=int, default=0, metavar="I",
+                        help="with --write-stills: write the stills from still I of the stream on [0]")
     parser.add_argument("--split", type=int, default=32, metavar="K",
                         help="with more than K clips, also compare student and teacher's steps on the first K "
                              "clips and on the rest apart (student_vs_teacher_steps_by_part)")
@@ -52,6 +53,8 @@ def main() -> None:
                         help="also the teacher with these samplers (e.g. dpmpp_2m,heun) on the student's grid")
     args = parser.parse_args()
     if args.write_stills is not None:
+        if args.first < 0 or args.stills < 1:
+            parser.error("--first must be 0 or more and --stills 1 or more")
         write_stills(args.write_stills, args.stills, args.first)
         return
     torch.set_num_threads(args.threads)
