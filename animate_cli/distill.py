@@ -97,6 +97,7 @@ LR_SCHEDULES = ("linear", "constant")
 GUIDANCE_INPUTS = ("frame", "video")
 SIGMA_SAMPLINGS = ("lognormal", "uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
+MATCH_LOSSES = ("latents", "pixels")  # stage 3 compares the two videos as latents, or as the VAE decodes them
 ROUND_TARGETS = ("previous", "teacher", "trajectory")
 UNIFORM_SHARE = 0.1  # lognormal sigma sampling keeps this share uniform over the grid: every point is trained
 
@@ -136,6 +137,7 @@ class DistillConfig:
     round_sigma_sampling: str = "uniform"  # the same for the step-reducing rounds' grids
     match_steps: int = 0  # stage 3: optimizer steps matching the teacher's samples end to end (0: no stage 3)
     match_lr: float | None = None  # stage 3's learning rate (None: lr)
+    match_loss: str = "latents"  # stage 3's mean square error on the "latents" or on the decoded "pixels"
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; "bf16" (autocast anywhere); "fp32"
     holdout: int = 0  # stills kept out of training: the student's distance to the teacher's videos from them
     eval_every: int = 0  # measure that distance every this many steps (0: at each phase's start and end only)
@@ -203,6 +205,8 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"--lr must be positive, got {c.lr}")
     if c.match_lr is not None and not c.match_lr > 0:
         raise AnimateError(f"--match-lr must be positive, got {c.match_lr}")
+    if c.match_loss not in MATCH_LOSSES:
+        raise AnimateError(f"--match-loss {c.match_loss!r}: choose {' or '.join(MATCH_LOSSES)}")
     if c.data not in DATA_SOURCES:
         raise AnimateError(f"--data {c.data!r}: choose {' or '.join(DATA_SOURCES)}")
     if c.samples_per_image < 1:
@@ -843,9 +847,28 @@ def student_sample(s: Session, batch: Batch) -> torch.Tensor:
     return x
 
 
+def decoded(s: Session, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:
+    """Frames [B, F, 3, H, W] (float32, -1 to 1, neither clamped nor rounded) of latents [B, F, C, h, w], decoded as
+    the presets decode (each video `chunk` frames per VAE call) and differentiable in the latents."""
+    b, f = latents.shape[:2]
+    x = latents / s.vae.config.scaling_factor
+    with s.autocast():
+        if f % chunk == 0:  # every call `chunk` frames of one video: all of them in one batch
+            pixels = s.vae.decode(x.flatten(0, 1), num_frames=chunk).sample
+        else:
+            pixels = torch.cat([s.vae.decode(v[i:i + chunk], num_frames=len(v[i:i + chunk])).sample
+                                for v in x for i in range(0, f, chunk)])
+    return pixels.float().unflatten(0, (b, f))
+
+
 def batch_loss(s: Session, batch: Batch) -> torch.Tensor:
     if s.config.is_match(s.phase):  # the student's sample against the teacher's, from the same noise
-        return F.mse_loss(student_sample(s, batch), s.data.videos[batch.sample].to(s.device))
+        sample, target = student_sample(s, batch), s.data.videos[batch.sample].to(s.device)
+        if s.config.match_loss == "pixels":  # as the distance to the teacher is measured: on the decoded frames
+            with torch.no_grad():
+                target = decoded(s, target)
+            sample = decoded(s, sample)
+        return F.mse_loss(sample, target)
     target = stage1_target(s, batch) if s.phase == 0 else stage2_target(s, batch)
     with s.autocast():
         v = student_v(s.student, batch, batch.z, batch.sigma, torch.float32)
@@ -950,7 +973,8 @@ def open_session(options: dict, images: Path, workdir: Path, device: torch.devic
         start_from(student, Path(c.init_student), c)
     base = torch.nn.Module.to(model.unet, dtype=teacher_dtype).eval().requires_grad_(False)  # no diffusers warning
     sigma_range = {k: float(model.scheduler_config[k]) for k in ("sigma_min", "sigma_max")}
-    vae = model.vae.eval().requires_grad_(False) if held_data is not None else None  # the check decodes
+    decodes = held_data is not None or (c.match_steps > 0 and c.match_loss == "pixels")  # the check, stage 3
+    vae = model.vae.eval().requires_grad_(False) if decodes else None
     del model
     if c.gradient_checkpointing or (c.gradient_checkpointing is None and device.type == "cuda"):
         student.enable_gradient_checkpointing()
@@ -998,13 +1022,14 @@ def load_teacher(s: Session) -> None:
         s.base_unet = None  # not needed any more
 
 
-PER_PHASE = ("stage1_steps", "round_steps", "match_steps", "match_lr")  # may change for phases not yet finished
+# may change for phases not yet finished:
+PER_PHASE = ("stage1_steps", "round_steps", "match_steps", "match_lr", "match_loss")
 ANY_TIME = ("precision", "gradient_checkpointing",  # how it runs, not what is learned: may change on any resume
             "eval_every", "keep_best")  # (and how often it is measured, and which measured student a phase keeps)
 
 
 def merge_config(saved: DistillConfig, options: dict, phase: int) -> DistillConfig:
-    """The checkpoint's config; a resumed run may change only the step counts (and stage 3's learning rate) of
+    """The checkpoint's config; a resumed run may change only the step counts (and stage 3's rate and loss) of
     phases not yet finished: a finished run given --match-steps goes on to stage 3."""
     import dataclasses
 
@@ -1201,6 +1226,7 @@ def sampler_config(s: Session, phase: int) -> dict:
                          "precision": c.precision, "images": len(s.data.names), "data": c.data,
                          "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
                          "match_steps": c.match_steps, "match_lr": c.match_lr if c.match_steps else None,
+                         "match_loss": c.match_loss if c.match_steps else None,
                          "ema": c.ema, "warmup": c.warmup, "init_student": c.init_student,
                          "global_step": s.global_step},
     }

@@ -488,6 +488,58 @@ def test_stage3_resumes_and_can_follow_a_finished_run(images, tmp_path):
     assert meta["distillation"]["match_steps"] == 3 and meta["distillation"]["phase"] == 2
 
 
+
+def test_decoded_frames_are_the_presets_decode_and_carry_gradients():
+    import contextlib
+    from types import SimpleNamespace
+
+    from animate_cli.models import build_random
+
+    model = build_random("tiny", torch.float32, torch.device("cpu"))
+    s = SimpleNamespace(vae=model.vae.eval().requires_grad_(False), autocast=contextlib.nullcontext)
+    latents = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sf = model.vae.config.scaling_factor
+    with torch.no_grad():  # the presets' way: each video apart, `chunk` frames per VAE call
+        by_hand = {chunk: torch.stack([torch.cat([model.vae.decode(v[i:i + chunk] / sf, num_frames=len(v[i:i + chunk]))
+                                                  .sample for i in range(0, 3, chunk)]) for v in latents])
+                   for chunk in (1, 2, 3)}
+    assert not torch.allclose(by_hand[2], by_hand[3], atol=1e-4)  # the decoder mixes a call's frames: chunks matter
+    for chunk in (1, 2, 3):  # 1 and 3 divide the 3 frames (one batched call), 2 does not (call by call)
+        x = latents.clone().requires_grad_(True)
+        frames = distill.decoded(s, x, chunk=chunk)
+        assert frames.shape[:3] == (2, 3, 3)
+        assert torch.allclose(frames, by_hand[chunk], atol=1e-5), chunk
+        frames.square().mean().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_stage3_on_pixels_fits_the_decoded_frames_and_can_follow_a_finished_run(images, tmp_path):
+    work = tmp_path / "work"
+    s = distill.open_session(dict(OPTIONS, samples_per_image=2), images, work, torch.device("cpu"))
+    assert s.vae is None  # no check and no stage 3 on pixels: the VAE is not kept
+    distill.run(s, log=lambda m: None)
+    more = dict(OPTIONS, match_steps=8, samples_per_image=2, match_loss="pixels")
+    s = distill.open_session(more, images, work, torch.device("cpu"))
+    assert s.config.match_loss == "pixels" and s.config.is_match(s.phase) and s.vae is not None
+    batch = distill.draw_match_batch(s.config, s.data, s.sigmas, 9, s.device)
+    with torch.no_grad():
+        sample = distill.student_sample(s, batch)
+        target = s.data.videos[batch.sample]
+        sf = s.vae.config.scaling_factor
+        frames = [torch.stack([s.vae.decode(v / sf, num_frames=len(v)).sample for v in x]) for x in (sample, target)]
+        first = distill.batch_loss(s, batch).item()
+        on_latents = torch.mean((sample - target) ** 2).item()
+    assert first == pytest.approx(torch.mean((frames[0] - frames[1]) ** 2).item(), rel=1e-4)
+    assert first != pytest.approx(on_latents, rel=0.1)  # so it is not the latent loss
+    losses = [distill.train_step(s, batch) for _ in range(5)]
+    with torch.no_grad():
+        last = distill.batch_loss(s, batch).item()
+    assert losses[0] == pytest.approx(first, rel=1e-4) and last < 0.7 * first, (first, losses, last)
+    distill.run(s, log=lambda m: None)
+    folder = distill.export(s, tmp_path / "student")
+    meta = json.loads((folder / "student.json").read_text())
+    assert meta["distillation"]["match_loss"] == "pixels" and meta["distillation"]["match_steps"] == 8
+
 def test_init_student_starts_from_a_saved_student_and_checks_it(images, tmp_path):
     first = distill.open_session(OPTIONS, images, tmp_path / "a", torch.device("cpu"))
     distill.run(first, log=lambda m: None)  # phase-0/ holds its trained stage-1 student
@@ -950,6 +1002,7 @@ def test_warmup_raises_the_learning_rate_over_each_phase_first_steps(images, tmp
     ({"sigma_log_std": 0.0}, "--sigma-log-std must be positive"),
     ({"match_steps": 2, "data": "stills"}, "--match-steps needs --data teacher"),
     ({"match_lr": 0.0}, "--match-lr must be positive"),
+    ({"match_loss": "rgb"}, "--match-loss 'rgb': choose latents or pixels"),
     ({"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
     ({"step_factor": 1}, "--step-factor must be at least 2"),
     ({"round_target": "student"}, "--round-target 'student': choose previous, teacher or trajectory"),

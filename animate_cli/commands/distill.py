@@ -44,6 +44,10 @@ def distill(
     )] = None,
     match_lr: Annotated[float | None, typer.Option(
         "--match-lr", min=0.0, help="Learning rate of stage 3 (default: --lr).", show_default=False)] = None,
+    match_loss: Annotated[str | None, typer.Option(
+        "--match-loss", help="What stage 3's mean square error compares: the two videos' 'latents', or their "
+        "'pixels' as the VAE decodes them (the frames the distance to the teacher is measured on; one decoder "
+        "pass and its backward per video, so more memory) \\[latents].")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate [1e-5]; the new "
                                              "guidance embedding gets 10x.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Videos per step [1].")] = None,
@@ -129,7 +133,7 @@ def distill(
 
     given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
                  step_factor=step_factor, round_target=round_target, final_steps=final_steps,
-                 match_steps=match_steps, match_lr=match_lr, lr=lr,
+                 match_steps=match_steps, match_lr=match_lr, match_loss=match_loss, lr=lr,
                  batch_size=batch_size, frames=frames, seed=seed, data=data,
                  samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
                  guidance_range=tuple(guidance_range) if guidance_range is not None else None,
