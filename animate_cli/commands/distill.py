@@ -46,8 +46,8 @@ def distill(
         "--match-lr", min=0.0, help="Learning rate of stage 3 (default: --lr).", show_default=False)] = None,
     match_loss: Annotated[str | None, typer.Option(
         "--match-loss", help="What stage 3's mean square error compares: the two videos' 'latents', or their "
-        "'pixels' as the VAE decodes them (the frames the distance to the teacher is measured on; one decoder "
-        "pass and its backward per video, so more memory) \\[latents].")] = None,
+        "'pixels' as the VAE decodes them (the frames the distance to the teacher is measured on; two decoder "
+        "passes and one backward per video, so more time and memory) \\[latents].")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate [1e-5]; the new "
                                              "guidance embedding gets 10x.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Videos per step [1].")] = None,
