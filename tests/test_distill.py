@@ -488,7 +488,6 @@ def test_stage3_resumes_and_can_follow_a_finished_run(images, tmp_path):
     assert meta["distillation"]["match_steps"] == 3 and meta["distillation"]["phase"] == 2
 
 
-
 def test_decoded_frames_are_the_presets_decode_and_carry_gradients():
     import contextlib
     from types import SimpleNamespace
@@ -539,6 +538,7 @@ def test_stage3_on_pixels_fits_the_decoded_frames_and_can_follow_a_finished_run(
     folder = distill.export(s, tmp_path / "student")
     meta = json.loads((folder / "student.json").read_text())
     assert meta["distillation"]["match_loss"] == "pixels" and meta["distillation"]["match_steps"] == 8
+
 
 def test_init_student_starts_from_a_saved_student_and_checks_it(images, tmp_path):
     first = distill.open_session(OPTIONS, images, tmp_path / "a", torch.device("cpu"))
