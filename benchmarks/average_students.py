@@ -16,7 +16,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "guidance_embedding.safetensors")
+from animate_cli.errors import AnimateError
+from animate_cli.student import GUIDANCE_FILE, STUDENT_FILE, read_student_config
+
+WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", GUIDANCE_FILE)
 
 
 def main() -> None:
@@ -28,11 +31,15 @@ def main() -> None:
         parser.error("give two students or more to average")
     if args.out.exists():
         parser.error(f"--out {args.out} exists; give a new folder")
+    metas = []
     for folder in args.students:
-        missing = [f for f in (*WEIGHTS, "student.json", "unet/config.json") if not (folder / f).is_file()]
+        try:
+            metas.append(read_student_config(folder))
+        except AnimateError as e:
+            parser.error(str(e))
+        missing = [f for f in (*WEIGHTS, "unet/config.json") if not (folder / f).is_file()]
         if missing:
             parser.error(f"{folder}: {missing[0]} is missing; give folders that animate distill wrote")
-    metas = [json.loads((f / "student.json").read_text()) for f in args.students]
     if len({json.dumps(m["guidance_embedding"], sort_keys=True) for m in metas}) > 1:
         parser.error("the students' guidance embeddings differ (student.json: guidance_embedding)")
     tmp = args.out.with_name(f".{args.out.name}.tmp")
@@ -48,7 +55,7 @@ def main() -> None:
         save_file({k: (sum(w[k].float() for w in weights) / len(weights)).to(first[k].dtype) for k in first},
                   str(tmp / name))
     meta = dict(metas[0], averaged_from=[str(f) for f in args.students])
-    (tmp / "student.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (tmp / STUDENT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     tmp.rename(args.out)
     print(f"{len(args.students)} students averaged into {args.out}")
 
