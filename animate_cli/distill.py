@@ -1194,12 +1194,12 @@ def train_step(s: Session, batch: Batch | None = None) -> float:
 def lr_factor(c: DistillConfig, phase: int, step: int) -> float:
     """The learning rate of step `step` (0-based, within the phase) over the base rate: rising linearly over the
     phase's first warmup share of steps (Adam's first steps, from fresh moments, move every weight by about the
-    full rate whatever its gradient), then constant or annealed linearly to zero."""
+    full rate whatever its gradient), then constant or annealed linearly to zero, and zero past the phase's end."""
     n = max(c.phase_steps(phase), 1)
     ramp = min(1.0, (step + 1) / max(round(c.warmup * n), 1))
     if c.lr_schedule == "constant":
         return ramp
-    return ramp * (1.0 - step / n)
+    return ramp * max(0.0, 1.0 - step / n)
 
 
 def sampler_config(s: Session, phase: int) -> dict:

@@ -992,6 +992,13 @@ def test_warmup_raises_the_learning_rate_over_each_phase_first_steps(images, tmp
     assert meta["distillation"]["warmup"] == 0.3  # student.json records it
 
 
+def test_the_annealed_rate_stops_at_zero_past_the_phase_end():
+    c = distill.DistillConfig(stage1_steps=4, warmup=0.0)
+    assert [distill.lr_factor(c, 0, k) for k in range(7)] == pytest.approx([1, 0.75, 0.5, 0.25, 0, 0, 0])
+    flat = distill.DistillConfig(stage1_steps=4, warmup=0.0, lr_schedule="constant")
+    assert distill.lr_factor(flat, 0, 6) == 1
+
+
 @pytest.mark.parametrize(("option", "message"), [
     ({"data": "videos"}, "--data 'videos': choose teacher or stills"),
     ({"samples_per_image": 0}, "--samples-per-image must be at least 1"),
