@@ -4,9 +4,10 @@ student folder that the `distilled` preset and tiny_motion_distillation.py read 
     python benchmarks/average_students.py STUDENT_A STUDENT_B [...] --out FOLDER
 
 Each STUDENT is a folder `animate distill` wrote (WORKDIR/phase-N/ or its --out). Every weight is averaged in
-float32 and stored in the first student's dtype; student.json is the first student's, with "averaged_from" naming
-the folders. The students must hold the same weights (names and shapes) and take the same guidance input. OUT is
-written under a temporary name and renamed when complete; an existing OUT is not overwritten.
+float32 and stored in the first student's dtype, with its file's metadata; student.json is the first student's,
+with "averaged_from" naming the folders. The students must hold the same weights (names and shapes) and take the
+same guidance input. OUT is written under a temporary name and renamed when complete; an existing OUT is not
+overwritten.
 """
 
 import argparse
@@ -14,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from animate_cli.errors import AnimateError
@@ -52,8 +54,10 @@ def main() -> None:
             if w.keys() != first.keys() or any(w[k].shape != first[k].shape for k in first):
                 shutil.rmtree(tmp)
                 parser.error(f"{folder / name}: not the same weights as {args.students[0] / name}")
+        with safe_open(str(args.students[0] / name), "pt") as f:
+            metadata = f.metadata()  # (diffusers writes {"format": "pt"}; kept as the first student has it)
         save_file({k: (sum(w[k].float() for w in weights) / len(weights)).to(first[k].dtype) for k in first},
-                  str(tmp / name))
+                  str(tmp / name), metadata=metadata)
     meta = dict(metas[0], averaged_from=[str(f) for f in args.students])
     (tmp / STUDENT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     tmp.rename(args.out)

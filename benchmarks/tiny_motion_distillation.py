@@ -30,7 +30,7 @@ from animate_cli.models import load_model, packaged_model
 from animate_cli.sampling import SAMPLERS
 from animate_cli.student import attach_student
 
-STILLS = 384  # how many stills the shipped student was distilled on
+STILLS = 384  # how many stills the shipped student's stage 1 and round were distilled on
 
 
 def main() -> None:
@@ -102,6 +102,7 @@ def main() -> None:
                        "per step",
         },
         "distillation": meta.get("distillation"),
+        **({"averaged_from": meta["averaged_from"]} if meta.get("averaged_from") else {}),  # average_students.py
         "student_guidance": meta.get("guidance"),
         **report,
         **({"student_vs_teacher_steps_by_part": quality.paired_parts(report["student_vs_teacher_steps"], args.split)}

@@ -2,11 +2,14 @@
 and beats the still-frame baseline against the held-out ground truth."""
 
 import json
+import shutil
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_subprocess
 
 from animate_cli import quality
 from animate_cli.models import load_model, packaged_model
@@ -120,6 +123,45 @@ def test_shipped_student_one_pass_per_step_and_beats_the_still_frame():
     assert calls == [4] * 8  # one call per step for the four videos: no unconditional half
     assert result["model"]["mse"] < result["still"]["mse"]
 
+
+
+def test_average_students_averages_weight_by_weight_and_keeps_what_it_is_given(tmp_path):
+    """benchmarks/average_students.py (which made the shipped student from two): each weight is the mean in
+    float32, stored in the first student's dtype with its file's metadata; a mismatched student or an existing
+    --out stops it with one line, leaving nothing behind."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder in (a, b, c):
+        shutil.copytree(FOLDER / "student", folder)
+    wa = load_file(str(a / unet))
+    g = torch.Generator().manual_seed(0)
+    wb = {k: (v.float() + torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in wa.items()}
+    save_file(wb, str(b / unet), metadata={"format": "pt"})
+    save_file({k: v for k, v in wa.items() if k != next(iter(wa))}, str(c / unet))  # one weight short
+    script = REPO / "benchmarks" / "average_students.py"
+
+    r = run_subprocess([sys.executable, script, a, b, "--out", tmp_path / "soup"])
+    assert r.exit_code == 0, r.stderr
+    soup = load_file(str(tmp_path / "soup" / unet))
+    for k, v in wa.items():
+        assert soup[k].dtype == v.dtype
+        assert torch.equal(soup[k], ((v.float() + wb[k].float()) / 2).to(v.dtype)), k
+    assert not torch.equal(soup[k], v)
+    with safe_open(str(tmp_path / "soup" / unet), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    meta = json.loads((tmp_path / "soup" / "student.json").read_text())
+    first = json.loads((a / "student.json").read_text())  # (the shipped student is an average too)
+    assert meta == {**first, "averaged_from": [str(a), str(b)]}
+
+    before = (tmp_path / "soup" / unet).read_bytes()
+    r = run_subprocess([sys.executable, script, a, b, "--out", tmp_path / "soup"])
+    assert r.exit_code == 2 and "exists" in r.stderr and (tmp_path / "soup" / unet).read_bytes() == before
+    r = run_subprocess([sys.executable, script, a, c, "--out", tmp_path / "bad"])
+    assert r.exit_code == 2 and "not the same weights" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "soup"]
 
 def untrained_student(model, base_steps: int, stride: int, max_guidance: float = 1.0):
     """(the teacher as an untrained student whose student.json names the `stride`-th points of a Karras
