@@ -127,7 +127,7 @@ def test_shipped_student_one_pass_per_step_and_beats_the_still_frame():
 def test_average_students_averages_weight_by_weight_and_keeps_what_it_is_given(tmp_path):
     """benchmarks/average_students.py (which made the shipped student from two): each weight is the mean in
     float32, stored in the first student's dtype with its file's metadata; a mismatched student or an existing
-    --out stops it with one line, leaving nothing behind."""
+    --out stops it with exit 2 and a message, leaving nothing behind."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
