@@ -194,9 +194,13 @@ def save_student(student, folder: Path, sampler_config: dict, dtype: torch.dtype
         source.save_pretrained(folder / "unet", safe_serialization=True)
     tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in module.mlp.state_dict().items()}
     save_file(tensors, str(folder / GUIDANCE_FILE))
-    meta = {"kind": KIND, "guidance_embedding": module.config(), **sampler_config}
-    (folder / STUDENT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_student_config(folder, {"kind": KIND, "guidance_embedding": module.config(), **sampler_config})
     return folder
+
+
+def write_student_config(folder: Path, meta: dict) -> None:
+    """Write FOLDER/student.json (what read_student_config reads)."""
+    (Path(folder) / STUDENT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def read_student_config(folder: Path) -> dict:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from animate_cli.errors import AnimateError
-from animate_cli.student import GUIDANCE_FILE, STUDENT_FILE, read_student_config
+from animate_cli.student import GUIDANCE_FILE, read_student_config, write_student_config
 
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", GUIDANCE_FILE)
 
@@ -59,7 +59,7 @@ def main() -> None:
         save_file({k: (sum(w[k].float() for w in weights) / len(weights)).to(first[k].dtype) for k in first},
                   str(tmp / name), metadata=metadata)
     meta = dict(metas[0], averaged_from=[str(f) for f in args.students])
-    (tmp / STUDENT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    write_student_config(tmp, meta)
     tmp.rename(args.out)
     print(f"{len(args.students)} students averaged into {args.out}")
 
