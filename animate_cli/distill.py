@@ -98,6 +98,8 @@ GUIDANCE_INPUTS = ("frame", "video")
 SIGMA_SAMPLINGS = ("lognormal", "uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
 MATCH_LOSSES = ("latents", "pixels")  # stage 3 compares the two videos as latents, or as the VAE decodes them
+MATCH_METRICS = ("mse", "rmse")  # stage 3's loss: the batch's mean square error, or its videos' mean RMSE
+RMSE_FLOOR = 1e-3  # the rmse metric is sqrt(mse + floor^2): finite gradient where a video matches exactly
 ROUND_TARGETS = ("previous", "teacher", "trajectory")
 UNIFORM_SHARE = 0.1  # lognormal sigma sampling keeps this share uniform over the grid: every point is trained
 
@@ -138,6 +140,7 @@ class DistillConfig:
     match_steps: int = 0  # stage 3: optimizer steps matching the teacher's samples end to end (0: no stage 3)
     match_lr: float | None = None  # stage 3's learning rate (None: lr)
     match_loss: str = "latents"  # stage 3's mean square error on the "latents" or on the decoded "pixels"
+    match_metric: str = "mse"  # "mse" over the batch, or "rmse": each video's root mean square error, averaged
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; "bf16" (autocast anywhere); "fp32"
     holdout: int = 0  # stills kept out of training: the student's distance to the teacher's videos from them
     eval_every: int = 0  # measure that distance every this many steps (0: at each phase's start and end only)
@@ -207,6 +210,8 @@ def check_config(c: DistillConfig) -> None:
         raise AnimateError(f"--match-lr must be positive, got {c.match_lr}")
     if c.match_loss not in MATCH_LOSSES:
         raise AnimateError(f"--match-loss {c.match_loss!r}: choose {' or '.join(MATCH_LOSSES)}")
+    if c.match_metric not in MATCH_METRICS:
+        raise AnimateError(f"--match-metric {c.match_metric!r}: choose {' or '.join(MATCH_METRICS)}")
     if c.data not in DATA_SOURCES:
         raise AnimateError(f"--data {c.data!r}: choose {' or '.join(DATA_SOURCES)}")
     if c.samples_per_image < 1:
@@ -861,6 +866,17 @@ def decoded(s: Session, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> tor
     return pixels.float().unflatten(0, (b, f))
 
 
+def match_error(sample: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor:
+    """Stage 3's loss between the student's videos and the teacher's [B, ...]. "mse": the mean square error over
+    the batch, where a few far-off videos weigh most. "rmse": each video's root mean square error (floored at
+    RMSE_FLOOR), averaged over the videos, as the benchmark scores students clip by clip; each video's gradient is
+    its mean square error's divided by twice its RMSE, so the far-off ones weigh less."""
+    if metric == "mse":
+        return F.mse_loss(sample, target)
+    per_video = (sample.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per_video + RMSE_FLOOR**2).sqrt().mean()
+
+
 def batch_loss(s: Session, batch: Batch) -> torch.Tensor:
     if s.config.is_match(s.phase):  # the student's sample against the teacher's, from the same noise
         sample, target = student_sample(s, batch), s.data.videos[batch.sample].to(s.device)
@@ -868,7 +884,7 @@ def batch_loss(s: Session, batch: Batch) -> torch.Tensor:
             with torch.no_grad():
                 target = decoded(s, target)
             sample = decoded(s, sample)
-        return F.mse_loss(sample, target)
+        return match_error(sample, target, s.config.match_metric)
     target = stage1_target(s, batch) if s.phase == 0 else stage2_target(s, batch)
     with s.autocast():
         v = student_v(s.student, batch, batch.z, batch.sigma, torch.float32)
@@ -1023,7 +1039,7 @@ def load_teacher(s: Session) -> None:
 
 
 # may change for phases not yet finished:
-PER_PHASE = ("stage1_steps", "round_steps", "match_steps", "match_lr", "match_loss")
+PER_PHASE = ("stage1_steps", "round_steps", "match_steps", "match_lr", "match_loss", "match_metric")
 ANY_TIME = ("precision", "gradient_checkpointing",  # how it runs, not what is learned: may change on any resume
             "eval_every", "keep_best")  # (and how often it is measured, and which measured student a phase keeps)
 
@@ -1227,6 +1243,7 @@ def sampler_config(s: Session, phase: int) -> dict:
                          "samples_per_image": c.samples_per_image if c.data == "teacher" else None,
                          "match_steps": c.match_steps, "match_lr": c.match_lr if c.match_steps else None,
                          "match_loss": c.match_loss if c.match_steps else None,
+                         "match_metric": c.match_metric if c.match_steps else None,
                          "ema": c.ema, "warmup": c.warmup, "init_student": c.init_student,
                          "global_step": s.global_step},
     }

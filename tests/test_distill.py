@@ -488,6 +488,46 @@ def test_stage3_resumes_and_can_follow_a_finished_run(images, tmp_path):
     assert meta["distillation"]["match_steps"] == 3 and meta["distillation"]["phase"] == 2
 
 
+def test_match_error_rmse_averages_each_videos_rmse_and_weighs_far_off_videos_less():
+    target = torch.zeros(3, 2, 4)
+    sample = torch.stack([torch.full((2, 4), 0.1), torch.full((2, 4), 0.2), torch.full((2, 4), 1.0)])
+    sample[0, 0, 0] = 0.3  # video 0: seven errors of 0.1 and one of 0.3
+    assert distill.match_error(sample, target, "mse").item() == pytest.approx(sample.square().mean().item())
+    by_hand = (math.sqrt((7 * 0.01 + 0.09) / 8 + 1e-6) + math.sqrt(0.04 + 1e-6) + math.sqrt(1 + 1e-6)) / 3
+    assert distill.match_error(sample, target, "rmse").item() == pytest.approx(by_hand, rel=1e-6)
+    shares = {}
+    for metric in distill.MATCH_METRICS:
+        x = sample.clone().requires_grad_(True)
+        distill.match_error(x, target, metric).backward()
+        norms = x.grad.flatten(1).norm(dim=1)
+        shares[metric] = (norms[2] / norms.sum()).item()  # the far-off video's share of the gradient
+    assert shares["mse"] > 0.7 and shares["rmse"] < 0.4, shares
+    x = torch.zeros(2, 3, requires_grad=True)  # an exact match: the floor keeps the gradient finite
+    distill.match_error(x, torch.zeros(2, 3), "rmse").backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_stage3_with_the_rmse_metric_trains_and_is_recorded(images, tmp_path):
+    s = distill.open_session(dict(OPTIONS, match_steps=3, samples_per_image=2, match_metric="rmse"), images,
+                             tmp_path / "work", torch.device("cpu"))
+    distill.run(s, until=4, log=lambda m: None)
+    distill.end_phase(s, log=lambda m: None)
+    assert s.config.is_match(s.phase)
+    batch = distill.draw_match_batch(s.config, s.data, s.sigmas, 9, s.device)
+    with torch.no_grad():
+        per_video = (distill.student_sample(s, batch) - s.data.videos[batch.sample]).square().flatten(1).mean(1)
+        first = distill.batch_loss(s, batch).item()
+    assert first == pytest.approx((per_video + 1e-6).sqrt().mean().item(), rel=1e-5)
+    assert first != pytest.approx(per_video.mean().item(), rel=0.1)  # so it is not the mean square error
+    for _ in range(5):
+        distill.train_step(s, batch)
+    with torch.no_grad():
+        assert distill.batch_loss(s, batch).item() < 0.8 * first
+    distill.run(s, log=lambda m: None)
+    meta = json.loads((distill.export(s, tmp_path / "student") / "student.json").read_text())
+    assert meta["distillation"]["match_metric"] == "rmse"
+
+
 def test_decoded_frames_are_the_presets_decode_and_carry_gradients():
     import contextlib
     from types import SimpleNamespace
@@ -1010,6 +1050,7 @@ def test_the_annealed_rate_stops_at_zero_past_the_phase_end():
     ({"match_steps": 2, "data": "stills"}, "--match-steps needs --data teacher"),
     ({"match_lr": 0.0}, "--match-lr must be positive"),
     ({"match_loss": "rgb"}, "--match-loss 'rgb': choose latents or pixels"),
+    ({"match_metric": "mae"}, "--match-metric 'mae': choose mse or rmse"),
     ({"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
     ({"step_factor": 1}, "--step-factor must be at least 2"),
     ({"round_target": "student"}, "--round-target 'student': choose previous, teacher or trajectory"),

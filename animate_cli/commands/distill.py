@@ -48,6 +48,10 @@ def distill(
         "--match-loss", help="What stage 3's mean square error compares: the two videos' 'latents', or their "
         "'pixels' as the VAE decodes them (the frames the distance to the teacher is measured on; two decoder "
         "passes and one backward per video, so more time and memory) \\[latents].")] = None,
+    match_metric: Annotated[str | None, typer.Option(
+        "--match-metric", help="Stage 3's loss: 'mse', the mean square error over the batch, or 'rmse', each "
+        "video's root mean square error averaged over the videos, as students are scored clip by clip (far-off "
+        "videos weigh less) \\[mse].")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate [1e-5]; the new "
                                              "guidance embedding gets 10x.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Videos per step [1].")] = None,
@@ -133,8 +137,8 @@ def distill(
 
     given = dict(model=model, stage1_steps=stage1_steps, round_steps=round_steps, rounds=rounds,
                  step_factor=step_factor, round_target=round_target, final_steps=final_steps,
-                 match_steps=match_steps, match_lr=match_lr, match_loss=match_loss, lr=lr,
-                 batch_size=batch_size, frames=frames, seed=seed, data=data,
+                 match_steps=match_steps, match_lr=match_lr, match_loss=match_loss, match_metric=match_metric,
+                 lr=lr, batch_size=batch_size, frames=frames, seed=seed, data=data,
                  samples_per_image=samples_per_image, lr_schedule=lr_schedule, guidance_input=guidance_input,
                  guidance_range=tuple(guidance_range) if guidance_range is not None else None,
                  sigma_sampling=sigma_sampling, round_sigma_sampling=round_sigma_sampling,
