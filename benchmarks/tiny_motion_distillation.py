@@ -89,7 +89,7 @@ def main() -> None:
                         f"--before {args.before}" if args.before else "",
                         f"--teacher-samplers {','.join(samplers)}" if samplers else "",
                         f"--split {args.split}" if args.split != 32 else "") if a),
-        "machine": f"CPU ({platform.machine()}, {args.threads} threads), float32",
+        "machine": f"CPU ({platform.machine()}, {args.threads} thread{'s' if args.threads != 1 else ''}), float32",
         "date": datetime.date.today().isoformat(),
         "animate": __version__, "torch": torch.__version__,
         "settings": {
